@@ -1,0 +1,35 @@
+# The two commands people run: `make demo` (main job on the embedded default) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install controlplane lint test demo demo-down bench clean
+
+install:
+	@scripts/install.sh
+
+controlplane: install
+	@$(VENV)/bin/kubeplane build
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected no tests: that is not a failure here.
+test: controlplane lint
+	$(PY) -m pytest $(PYTEST_ARGS); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
+
+demo: controlplane
+	@$(VENV)/bin/kubeplane cluster up
+	@echo "# the local plane is up; paste the lines above into your shell, then e.g. kubectl get nodes"
+	@echo "# stop it with: make demo-down"
+
+demo-down: install
+	@$(VENV)/bin/kubeplane cluster down
+
+bench: controlplane
+	$(PY) bench/controlplane.py
+
+clean:
+	rm -rf .cache/kubeplane .mypy_cache .ruff_cache .pytest_cache

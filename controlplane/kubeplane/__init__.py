@@ -1,0 +1,1 @@
+"""A real local Kubernetes control plane (etcd, apiserver, controllers, scheduler, kwok) on loopback."""

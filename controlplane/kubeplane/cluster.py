@@ -1,0 +1,343 @@
+"""Starts and stops a real Kubernetes control plane on loopback: etcd, apiserver, controllers, scheduler, kwok.
+
+``LocalCluster`` is the one launcher the tests, the demo and the benchmarks use. Every component binds to
+127.0.0.1 on a free port; fake nodes and pods get 127.x addresses, so nothing can dial outside loopback.
+``stop()`` leaves no process and no temporary directory behind; children also die with the launcher
+(PR_SET_PDEATHSIG), and a later start removes directories left by a launcher that was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+from kubernetes import client, config
+
+from kubeplane import build, pki, procs
+from kubeplane import nodes as fake_nodes
+
+WORKDIR_PREFIX = "kubeplane-"
+# Services get loopback ClusterIPs too: even a stray dial of one stays on this machine.
+SERVICE_CIDR = "127.96.0.0/16"
+POD_CIDR = "127.64.0.0/16"
+KWOK_NODE_IP = "127.63.0.254"
+
+
+class ClusterStartError(RuntimeError):
+    """A component did not become ready; the message names it and carries the end of its log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """How big the fake cluster is."""
+
+    nodes: int = 4
+    node_shape: fake_nodes.NodeShape = dataclasses.field(default_factory=fake_nodes.NodeShape)
+    ready_timeout: float = 90.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def build_kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, Any]:
+    """A kubeconfig with every credential inline, so it works from any working directory."""
+
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kubeplane", "cluster": {"server": server, "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": "admin", "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
+        "contexts": [{"name": "kubeplane", "context": {"cluster": "kubeplane", "user": "admin"}}],
+        "current-context": "kubeplane",
+    }
+
+
+def remove_stale_workdirs(parent: Path | None = None) -> list[Path]:
+    """Delete work directories whose launcher process no longer exists (it was SIGKILLed)."""
+    removed = []
+    for directory in Path(parent or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        owner = directory / "owner.pid"
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+class LocalCluster:
+    """One local control plane. Use as a context manager, or call ``start``/``stop``."""
+
+    def __init__(self, cfg: ClusterConfig | None = None, workdir_parent: Path | None = None):
+        self.cfg = cfg or ClusterConfig()
+        self._workdir_parent = workdir_parent
+        self.workdir: Path | None = None
+        self.processes: list[procs.ManagedProcess] = []
+        self.timings: dict[str, float] = {}
+        self.ports: dict[str, int] = {}
+        self.node_names: list[str] = []
+        self._binaries: dict[str, build.BuildResult] = {}
+        self._pki: pki.Pki | None = None
+
+    # ---- public surface ---------------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        if self.workdir is None:
+            raise RuntimeError("cluster is not started")
+        return self.workdir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def api_client(self) -> client.ApiClient:
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def binary(self, name: str) -> Path:
+        for result in self._binaries.values():
+            if (result.directory / name).is_file():
+                return result.directory / name
+        raise KeyError(name)
+
+    def env(self) -> dict[str, str]:
+        """Environment for a kubectl/helm/operator subprocess pointed at this cluster."""
+        bin_dirs = os.pathsep.join(str(r.directory) for r in self._binaries.values())
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{bin_dirs}{os.pathsep}{os.environ['PATH']}"}
+
+    def rss_bytes(self) -> int:
+        """Resident memory of every component process (and its children), summed."""
+        total = 0
+        for proc in self.processes:
+            with contextlib.suppress(psutil.Error):
+                parent = psutil.Process(proc.pid)
+                total += sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+        return total
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        started = time.monotonic()
+        remove_stale_workdirs(self._workdir_parent)
+        self._binaries = build.ensure_built()
+        self.timings["build_check"] = time.monotonic() - started
+        self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=self._workdir_parent))
+        (self.workdir / "owner.pid").write_text(str(os.getpid()))
+        atexit.register(self.stop)
+        try:
+            self._start_components()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = time.monotonic() - started
+
+    def stop(self) -> None:
+        """Stop components in reverse start order and delete the work directory. Safe to call twice."""
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        atexit.unregister(self.stop)
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _phase(self, name: str, action: Callable[[], None]) -> None:
+        started = time.monotonic()
+        action()
+        self.timings[name] = time.monotonic() - started
+
+    def _start_components(self) -> None:
+        assert self.workdir is not None
+        self._pki = pki.create_pki(self.workdir / "pki")
+        for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
+            self.ports[name] = free_port()
+        kubeconfig = build_kubeconfig(
+            self.server, self._pki.ca_cert, self._pki.admin_cert, self._pki.admin_key
+        )
+        self.kubeconfig.write_text(yaml.safe_dump(kubeconfig))
+        self.kubeconfig.chmod(0o600)
+
+        self._phase("etcd", self._start_etcd)
+        self._phase("apiserver", self._start_apiserver)
+        self._phase("controllers", self._start_controllers)
+        self._phase("kwok_nodes", self._start_kwok_and_nodes)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> procs.ManagedProcess:
+        assert self.workdir is not None
+        proc = procs.ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env)
+        self.processes.append(proc)
+        return proc
+
+    def _wait_http(self, proc: procs.ManagedProcess, url: str, mtls: bool, accept: Callable[[str], bool]) -> None:
+        assert self._pki is not None
+        verify: ssl.SSLContext | bool = False
+        if url.startswith("https://"):
+            ctx = ssl.create_default_context(cafile=str(self._pki.ca_cert))
+            if mtls:
+                ctx.load_cert_chain(str(self._pki.admin_cert), str(self._pki.admin_key))
+            verify = ctx
+        deadline = time.monotonic() + self.cfg.ready_timeout
+        last = "no answer yet"
+        with httpx.Client(verify=verify, timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if not proc.running():
+                    raise ClusterStartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+                try:
+                    response = http.get(url)
+                    last = f"{response.status_code} {response.text[:200]}"
+                    if response.status_code == 200 and accept(response.text):
+                        return
+                except httpx.HTTPError as err:
+                    last = repr(err)
+                time.sleep(0.1)
+        raise ClusterStartError(
+            f"{proc.name} not ready at {url} after {self.cfg.ready_timeout:.0f}s (last: {last}):\n{proc.log_tail()}"
+        )
+
+    def _start_etcd(self) -> None:
+        assert self.workdir is not None
+        client_url = f"http://127.0.0.1:{self.ports['etcd']}"
+        peer_url = f"http://127.0.0.1:{self.ports['etcd_peer']}"
+        proc = self._spawn(
+            "etcd",
+            [
+                str(self.binary("etcd")),
+                "--name=default",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={client_url}",
+                f"--advertise-client-urls={client_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--auto-compaction-retention=1",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+        )
+        self._wait_http(proc, f"{client_url}/health", mtls=False, accept=lambda body: '"health":"true"' in body)
+
+    def _start_apiserver(self) -> None:
+        assert self.workdir is not None and self._pki is not None
+        p = self._pki
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.binary("kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={p.admin_cert}",
+                f"--tls-private-key-file={p.admin_key}",
+                f"--client-ca-file={p.ca_cert}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+            ],
+        )
+        self._wait_http(proc, f"{self.server}/readyz", mtls=True, accept=lambda body: body.strip() == "ok")
+
+    def _start_controllers(self) -> None:
+        assert self._pki is not None
+        p = self._pki
+        common = [
+            f"--kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1",
+            "--leader-elect=false",
+            f"--tls-cert-file={p.admin_cert}",
+            f"--tls-private-key-file={p.admin_key}",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
+        ]
+        cm = self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.binary("kube-controller-manager")),
+                *common,
+                f"--secure-port={self.ports['controller_manager']}",
+                "--controllers=*",
+                f"--service-account-private-key-file={p.sa_key}",
+                f"--root-ca-file={p.ca_cert}",
+                f"--cluster-signing-cert-file={p.ca_cert}",
+                f"--cluster-signing-key-file={p.directory / 'ca.key'}",
+                "--node-monitor-period=5s",
+                "--node-monitor-grace-period=40s",
+            ],
+        )
+        sched = self._spawn(
+            "kube-scheduler",
+            [str(self.binary("kube-scheduler")), *common, f"--secure-port={self.ports['scheduler']}"],
+        )
+        for proc, port in ((cm, self.ports["controller_manager"]), (sched, self.ports["scheduler"])):
+            self._wait_http(proc, f"https://127.0.0.1:{port}/healthz", mtls=False, accept=lambda b: b == "ok")
+
+    def _kwok_argv(self) -> list[str]:
+        stages = self.binary("kwok").parent / "stages"
+        argv = [
+            str(self.binary("kwok")),
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--cidr={POD_CIDR}",
+            f"--node-ip={KWOK_NODE_IP}",
+            f"--server-address=127.0.0.1:{self.ports['kwok']}",
+            "--node-lease-duration-seconds=40",
+        ]
+        return argv + [f"--config={path}" for path in sorted(stages.glob("*.yaml"))]
+
+    def _start_kwok_and_nodes(self) -> None:
+        assert self.workdir is not None
+        home = self.workdir / "kwok-home"
+        home.mkdir()
+        proc = self._spawn("kwok", self._kwok_argv(), env={**os.environ, "HOME": str(home)})
+        self._wait_http(proc, f"http://127.0.0.1:{self.ports['kwok']}/healthz", mtls=False, accept=lambda b: True)
+        with self.api_client() as api:
+            self.node_names = fake_nodes.create_nodes(
+                client.CoreV1Api(api), self.cfg.nodes, self.cfg.node_shape, timeout=self.cfg.ready_timeout
+            )
+
+
+@contextlib.contextmanager
+def running(cfg: ClusterConfig | None = None) -> Iterator[LocalCluster]:
+    """``with running() as cluster:`` — a started cluster, always stopped afterwards."""
+    cluster = LocalCluster(cfg)
+    with cluster:
+        yield cluster

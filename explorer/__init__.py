@@ -1,0 +1,1 @@
+"""The rollout runtime: turns tasks into experiences against vLLM engines."""

