@@ -46,9 +46,7 @@ def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 512) -> Pa
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         bpe.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-        )
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(staging)
 
@@ -65,7 +63,7 @@ def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 512) -> Pa
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            torch_dtype="float32",
+            dtype="float32",
         )
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(staging, safe_serialization=True)

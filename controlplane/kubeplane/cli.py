@@ -91,8 +91,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir().mkdir(parents=True, exist_ok=True)
     build.ensure_built()  # build in the foreground so its progress is visible
     log = (state_dir() / "serve.log").open("wb")
-    argv = [sys.executable, "-m", "kubeplane", "cluster", "serve", "--nodes", str(args.nodes), "--gpus", str(args.gpus)]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "kubeplane",
+        "cluster",
+        "serve",
+        "--nodes",
+        str(args.nodes),
+        "--gpus",
+        str(args.gpus),
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -126,7 +126,11 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         """Environment for a kubectl/helm/operator subprocess pointed at this cluster."""
         bin_dirs = os.pathsep.join(str(r.directory) for r in self._binaries.values())
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{bin_dirs}{os.pathsep}{os.environ['PATH']}"}
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{bin_dirs}{os.pathsep}{os.environ['PATH']}",
+        }
 
     def rss_bytes(self) -> int:
         """Resident memory of every component process (and its children), summed."""
@@ -183,9 +187,7 @@ class LocalCluster:
         self._pki = pki.create_pki(self.workdir / "pki")
         for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
             self.ports[name] = free_port()
-        kubeconfig = build_kubeconfig(
-            self.server, self._pki.ca_cert, self._pki.admin_cert, self._pki.admin_key
-        )
+        kubeconfig = build_kubeconfig(self.server, self._pki.ca_cert, self._pki.admin_cert, self._pki.admin_key)
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig))
         self.kubeconfig.chmod(0o600)
 

@@ -55,7 +55,10 @@ def build_node(index: int, shape: NodeShape) -> dict[str, Any]:
                 "nvidia.com/gpu.count": str(shape.gpus),
             },
         },
-        "spec": {"podCIDR": POD_CIDR_TEMPLATE.format(index=index), "podCIDRs": [POD_CIDR_TEMPLATE.format(index=index)]},
+        "spec": {
+            "podCIDR": POD_CIDR_TEMPLATE.format(index=index),
+            "podCIDRs": [POD_CIDR_TEMPLATE.format(index=index)],
+        },
         "status": {
             "capacity": capacity,
             "allocatable": dict(capacity),

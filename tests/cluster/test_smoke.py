@@ -114,9 +114,7 @@ def test_deleting_owner_garbage_collects_dependents(k8s: client.ApiClient, names
     owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
     ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
     for i in range(2):
-        core.create_namespaced_config_map(
-            namespace, {"metadata": {"name": f"dependent-{i}", "ownerReferences": [ref]}}
-        )
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": f"dependent-{i}", "ownerReferences": [ref]}})
     core.delete_namespaced_config_map("owner", namespace, propagation_policy="Foreground")
 
     def dependents_gone() -> bool:
@@ -195,8 +193,12 @@ def test_crd_applied_server_side_serves_objects_and_enforces_cel(k8s: client.Api
     dyn.resources.invalidate_cache()
     widgets = wait_for(lambda: _find_resource(dyn), what="widgets served by discovery")
 
-    good = {"apiVersion": "smoke.kubeplane.test/v1", "kind": "Widget", "metadata": {"name": "ok"},
-            "spec": {"replicas": 1, "maxReplicas": 2}}
+    good = {
+        "apiVersion": "smoke.kubeplane.test/v1",
+        "kind": "Widget",
+        "metadata": {"name": "ok"},
+        "spec": {"replicas": 1, "maxReplicas": 2},
+    }
     widgets.server_side_apply(body=good, namespace=namespace, field_manager="kubeplane-smoke")
     assert widgets.get(name="ok", namespace=namespace).spec.replicas == 1
 
@@ -225,7 +227,8 @@ def _find_resource(dyn: dynamic.DynamicClient) -> dynamic.Resource | None:
 def test_failure_injection_label_fails_a_running_pod(k8s: client.ApiClient, namespace: str) -> None:
     core = client.CoreV1Api(k8s)
     core.create_namespaced_pod(
-        namespace, gpu_pod("doomed-engine", gpus=1, labels={"pod-container-running-failed.stage.kwok.x-k8s.io": "true"})
+        namespace,
+        gpu_pod("doomed-engine", gpus=1, labels={"pod-container-running-failed.stage.kwok.x-k8s.io": "true"}),
     )
 
     def failed() -> client.V1Pod | None:
@@ -248,7 +251,11 @@ def test_services_get_loopback_cluster_ips(k8s: client.ApiClient, namespace: str
 def test_kubectl_reports_the_pinned_server_version(local_cluster: kubeplane_cluster.LocalCluster) -> None:
     out = subprocess.run(
         [str(local_cluster.binary("kubectl")), "version", "-o", "json"],
-        env=local_cluster.env(), check=True, capture_output=True, text=True, timeout=30,
+        env=local_cluster.env(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     version = json.loads(out)
     assert version["serverVersion"]["gitVersion"] == "v1.36.3"

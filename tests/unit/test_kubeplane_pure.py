@@ -20,7 +20,12 @@ def test_fake_node_offers_gpus_and_only_loopback_addresses() -> None:
     node = nodes.build_node(2, nodes.NodeShape(gpus=4, cpu="16", memory="64Gi"))
     assert node["metadata"]["name"] == "kwok-gpu-2"
     assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
-    assert node["status"]["allocatable"] == {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "4"}
+    assert node["status"]["allocatable"] == {
+        "cpu": "16",
+        "memory": "64Gi",
+        "pods": "110",
+        "nvidia.com/gpu": "4",
+    }
     internal = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
     assert internal and all(ipaddress.ip_address(a) in LOOPBACK for a in internal)
     assert ipaddress.ip_network(node["spec"]["podCIDR"]).subnet_of(LOOPBACK)
@@ -77,9 +82,7 @@ def test_build_key_changes_with_module_files_and_go_version(module_copy: build.C
     assert build.compute_key(module_copy, "go1.26.8") != before
 
 
-def test_prebuilt_binary_dir_missing_a_binary_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prebuilt_binary_dir_missing_a_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBEPLANE_BIN_DIR", str(tmp_path))
     (tmp_path / "etcd").write_text("")
     with pytest.raises(build.BuildError, match="lacks kube-apiserver"):

