@@ -7,6 +7,7 @@ import json
 import subprocess
 from typing import Any
 
+import psutil
 import pytest
 from kubernetes import client, dynamic
 from kubernetes.client.rest import ApiException
@@ -261,3 +262,15 @@ def test_kubectl_reports_the_pinned_server_version(local_cluster: kubeplane_clus
     assert version["serverVersion"]["gitVersion"] == "v1.36.3"
     assert version["serverVersion"]["minor"] == "36"
     assert version["clientVersion"]["gitVersion"] == "v1.36.3"
+
+
+def test_components_only_listen_and_connect_on_loopback(local_cluster: kubeplane_cluster.LocalCluster) -> None:
+    seen = 0
+    for managed in local_cluster.processes:
+        proc = psutil.Process(managed.pid)
+        for conn in proc.net_connections(kind="inet"):
+            seen += 1
+            assert ipaddress.ip_address(conn.laddr.ip).is_loopback, (managed.name, conn)
+            if conn.raddr:
+                assert ipaddress.ip_address(conn.raddr.ip).is_loopback, (managed.name, conn)
+    assert seen > 10  # etcd, apiserver, controllers and kwok all hold connections

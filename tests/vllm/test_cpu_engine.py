@@ -40,7 +40,7 @@ def test_cpu_engine_generates_sixteen_prompts_with_logprobs_matching_hf(
     # Teacher-forced forward pass of the same weights in fp32: the engine's logprobs must agree.
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.eval()
     worst = 0.0
     for choice in choices[:4]:
