@@ -2,7 +2,7 @@
 
 Prints figures next to the goals from the Foundation issue (start < 20 s, RSS < 2 GiB with 4 nodes). The cold
 build time is the one recorded when the cached binaries were built (``build.json``); the warm figure is a
-fresh cache check in this run.
+Go build cache was empty too); the warm figure is a fresh cache check in this run.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main() -> None:
         cold = float(json.loads(record_file.read_text())["seconds"]) if record_file.is_file() else float("nan")
         total_cold += cold
         sizes = ", ".join(f"{name} {size / MIB:.1f} MiB" for name, size in result.sizes.items())
-        print(f"  {result.component:5s} cold build {cold:7.1f}s   {sizes}")
-    print(f"  cold build, all components (as recorded): {total_cold:.1f}s")
+        print(f"  {result.component:5s} last build {cold:7.1f}s   {sizes}")
+    print(f"  last builds, all components (as recorded): {total_cold:.1f}s")
     print(f"  warm rebuild check (nothing changed):      {warm_check:.2f}s")
 
     runs = []
