@@ -1,8 +1,8 @@
 """Benchmark of the local control plane: build cost, binary sizes, warm start time and memory with 4 GPU nodes.
 
-Prints figures next to the goals from the Foundation issue (start < 20 s, RSS < 2 GiB with 4 nodes). The cold
-build time is the one recorded when the cached binaries were built (``build.json``); the warm figure is a
-Go build cache was empty too); the warm figure is a fresh cache check in this run.
+Prints figures next to the goals from the Foundation issue (start < 20 s, RSS < 2 GiB with 4 nodes). Build times
+are those recorded when the cached binaries were made (``build.json``): a cold build only when the Go build cache
+was empty too. The warm figure is a fresh cache check in this run.
 """
 
 from __future__ import annotations
