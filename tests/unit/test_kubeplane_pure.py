@@ -73,13 +73,14 @@ def module_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> build.Compon
     return dataclasses.replace(etcd)
 
 
-def test_build_key_changes_with_module_files_and_go_version(module_copy: build.Component) -> None:
-    before = build.compute_key(module_copy, "go1.26.8")
-    assert build.compute_key(module_copy, "go1.26.8") == before
-    assert build.compute_key(module_copy, "go1.26.9") != before
+def test_build_key_changes_with_module_files_go_version_and_flags(module_copy: build.Component) -> None:
+    before = build.compute_key(module_copy, "go1.26.8", "-s -w")
+    assert build.compute_key(module_copy, "go1.26.8", "-s -w") == before
+    assert build.compute_key(module_copy, "go1.26.9", "-s -w") != before
+    assert build.compute_key(module_copy, "go1.26.8", "-s") != before
     main_go = module_copy.module_dir / "main.go"
     main_go.write_text(main_go.read_text() + "\n// changed\n")
-    assert build.compute_key(module_copy, "go1.26.8") != before
+    assert build.compute_key(module_copy, "go1.26.8", "-s -w") != before
 
 
 def test_prebuilt_binary_dir_missing_a_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
