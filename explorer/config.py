@@ -1,0 +1,150 @@
+"""The explorer's configuration: one pydantic model shared by the runtime and the operator.
+
+The operator embeds these sections in the ``ExplorerJob`` spec (the CRD schema is generated from them) and renders
+an ``ExplorerConfig`` into the job's ConfigMap; the runtime in the coordinator pod reads that file back with the
+same model. Field names are camelCase on the wire (Kubernetes style) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class WireModel(BaseModel):
+    """Base for every config/spec section: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return data
+
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class ModelSpec(WireModel):
+    """The model an engine group serves."""
+
+    path: str = Field(min_length=1, description="Model directory or URI on a volume the engines mount.")
+    served_name: str = Field(
+        default="policy", min_length=1, max_length=63, description="Name the engines serve the model under."
+    )
+    dtype: Dtype = Field(default="bfloat16", description="Weights and activation dtype.")
+    max_model_len: int | None = Field(default=None, ge=16, le=1_048_576, description="Context length limit.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="GPUs per engine; each engine pod requests this many nvidia.com/gpu."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments, passed as given.")
+
+
+class SchedulerSpec(WireModel):
+    """How rollout tasks are dispatched to runners."""
+
+    runners_per_engine: int = Field(default=8, ge=1, le=1024, description="Workflow runners bound to each engine.")
+    max_retry_times: int = Field(default=2, ge=0, le=100, description="Retries of a failed or timed-out task.")
+    task_timeout_seconds: float = Field(default=900, gt=0, description="Timeout of one attempt of one task.")
+    max_repeat_times_per_runner: int | None = Field(
+        default=None, ge=1, description="Split a task's repeats into chunks of at most this many per runner."
+    )
+
+
+class TasksetSpec(WireModel):
+    """A taskset file on a mounted volume."""
+
+    name: str = Field(default="train", min_length=1, max_length=63, description="Name used in metrics.")
+    path: str = Field(min_length=1, description="Absolute path of a JSONL or Parquet file (or directory) in the pod.")
+    format: Literal["jsonl", "parquet"] | None = Field(default=None, description="File format; inferred if unset.")
+    prompt_key: str = Field(default="question", description="Field holding the prompt.")
+    response_key: str = Field(default="answer", description="Field holding the reference answer.")
+
+
+class WorkflowSpec(WireModel):
+    """The workflow each task runs and how it is rewarded."""
+
+    name: Literal["math", "chat", "custom"] = Field(default="math", description="Built-in workflow, or custom.")
+    import_path: str | None = Field(
+        default=None, description="`module:Class` of a custom workflow (required when name is custom)."
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="Workflow arguments.")
+    temperature: float = Field(default=1.0, ge=0, le=10, description="Sampling temperature.")
+    max_tokens: int = Field(default=1024, ge=1, description="Maximum generated tokens per response.")
+
+
+class ExploreSpec(WireModel):
+    """The explore schedule (the seed's buffer/explorer settings)."""
+
+    batch_size: int = Field(default=32, ge=1, description="Tasks per step.")
+    repeat_times: int = Field(default=8, ge=1, le=1024, description="Samples per task.")
+    total_steps: int = Field(default=100, ge=1, description="Steps to explore before the job succeeds.")
+    eval_interval: int = Field(default=0, ge=0, description="Evaluate every N steps (0: never).")
+    eval_tasksets: list[TasksetSpec] = Field(default_factory=list, description="Tasksets to evaluate on.")
+
+
+SyncMethod = Literal["nccl", "gloo", "checkpoint"]
+SyncStyle = Literal["fixed", "trainer_driven", "async"]
+
+
+class SyncSpec(WireModel):
+    """How and when the trainer's weights reach the engines."""
+
+    method: SyncMethod = Field(default="nccl", description="nccl on GPUs, gloo on CPU, or checkpoint reload.")
+    style: SyncStyle = Field(default="fixed", description="When syncs happen (see docs).")
+    interval: int = Field(default=1, ge=1, description="Sync every N explore steps.")
+    offset: int = Field(default=0, ge=0, description="Steps the explorer may run ahead before the first sync.")
+    max_policy_lag: int | None = Field(default=None, ge=1, description="Required for style async.")
+    port: int = Field(default=29500, ge=1024, le=65535, description="Rendezvous port on the sync Service.")
+    timeout_seconds: float = Field(default=600, gt=0, description="Timeout of every blocking sync step.")
+    checkpoint_path: str | None = Field(default=None, description="Shared directory for method checkpoint.")
+
+
+class ExperienceSpec(WireModel):
+    """Where experiences are written for the trainer."""
+
+    path: str = Field(default="/data/experiences", min_length=1, description="Directory on a shared volume.")
+    format: Literal["jsonl", "parquet"] = Field(default="parquet", description="File format of each step.")
+
+
+class EngineEndpoint(WireModel):
+    """One engine the runtime talks to."""
+
+    index: int = Field(ge=0)
+    url: str
+    rank_offset: int = Field(ge=1, description="First rank of this engine in the sync group (trainer is 0).")
+    world_size: int = Field(ge=1, description="Ranks this engine contributes (its tensor-parallel size).")
+
+
+class EngineGroupConfig(WireModel):
+    """An engine group as the runtime sees it: the model and the engines' addresses."""
+
+    name: str
+    model: ModelSpec
+    engines: list[EngineEndpoint]
+
+
+class ExplorerConfig(WireModel):
+    """Everything the coordinator's runtime needs; rendered by the operator into the job's ConfigMap."""
+
+    job: str
+    namespace: str
+    rollout: EngineGroupConfig
+    auxiliary: list[EngineGroupConfig] = Field(default_factory=list)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    taskset: TasksetSpec
+    workflow: WorkflowSpec = Field(default_factory=WorkflowSpec)
+    explore: ExploreSpec = Field(default_factory=ExploreSpec)
+    sync: SyncSpec = Field(default_factory=SyncSpec)
+    experiences: ExperienceSpec = Field(default_factory=ExperienceSpec)
+    status_port: int = Field(default=8080, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _sync_world(self) -> ExplorerConfig:
+        expected = 1
+        for engine in self.rollout.engines:
+            if engine.rank_offset != expected:
+                raise ValueError(f"engine {engine.index} has rank offset {engine.rank_offset}, expected {expected}")
+            expected += engine.world_size
+        return self
