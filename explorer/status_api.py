@@ -1,0 +1,67 @@
+"""The coordinator's status API: what the explorer reports about its progress, served over HTTP.
+
+The operator polls ``GET /status`` on the coordinator pod and mirrors it into the ExplorerJob's status; the wire
+format is ``CoordinatorReport``, shared by both sides. ``GET /healthz`` answers the pod's probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from explorer.config import WireModel
+
+ReportPhase = Literal["Starting", "Running", "Succeeded", "Failed"]
+
+
+class CoordinatorReport(WireModel):
+    """The explorer's own account of its progress and of the weight-sync group."""
+
+    phase: ReportPhase = "Starting"
+    step: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=0, ge=0)
+    policy_version: int | None = Field(default=None, description="Version every engine in sync now serves.")
+    engines_in_sync: int | None = Field(default=None, ge=0, description="Engines at policy_version; None: unknown.")
+    last_sync_time: str | None = None
+    last_sync_duration_seconds: float | None = None
+    last_sync_bytes: int | None = None
+    message: str = ""
+
+
+class StatusServer:
+    """Serves the current ``report`` (replace it to publish progress) on ``host:port``."""
+
+    def __init__(self, host: str, port: int, report: CoordinatorReport | None = None):
+        self.host = host
+        self.port = port
+        self.report = report or CoordinatorReport()
+        self._runner: web.AppRunner | None = None
+
+    async def _status(self, _: web.Request) -> web.Response:
+        return web.json_response(self.report.to_wire())
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()

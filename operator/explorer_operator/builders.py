@@ -1,0 +1,306 @@
+"""Pure builders: an ExplorerJob's spec in, whole Kubernetes manifests out. No I/O, clocks or randomness.
+
+Every child carries owner references, the labels the operator watches by, and a template-hash annotation: the
+reconciler compares hashes, so an unchanged world costs no write at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from explorer import config as explorer_config
+from explorer import engine_args
+from explorer_operator import models
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+OPERATOR_NAME = "explorer-operator"
+JOB_LABEL = f"{models.GROUP}/job"
+ROLE_LABEL = f"{models.GROUP}/role"
+GROUP_LABEL = f"{models.GROUP}/engine-group"
+INDEX_LABEL = f"{models.GROUP}/engine-index"
+HASH_ANNOTATION = f"{models.GROUP}/template-hash"
+ROLLOUT_GROUP = "rollout"
+CONFIG_FILE = "explorer.yaml"
+CONFIG_DIR = "/etc/explorer"
+RAY_PORT = 6379
+GPU = "nvidia.com/gpu"
+# Sized for loading large checkpoints: up to 30 min to come up, then /health every 10 s.
+STARTUP_PROBE_SECONDS = 1800
+PROBE_PERIOD = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRef:
+    """The identity of the ExplorerJob being built for."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineGroup:
+    """One engine group (the rollout model, or an auxiliary model) as laid out by the operator."""
+
+    name: str
+    model: explorer_config.ModelSpec
+    pods: models.EngineGroupSpec
+
+    def pod_name(self, job: JobRef, index: int) -> str:
+        stem = "engine" if self.name == ROLLOUT_GROUP else self.name
+        return f"{job.name}-{stem}-{index}"
+
+    def service_name(self, job: JobRef) -> str:
+        return f"{job.name}-engines" if self.name == ROLLOUT_GROUP else f"{job.name}-{self.name}"
+
+
+def engine_groups(spec: models.ExplorerJobSpec) -> list[EngineGroup]:
+    groups = [EngineGroup(ROLLOUT_GROUP, spec.model, spec.engines)]
+    groups += [EngineGroup(aux.name, aux.model, aux) for aux in spec.auxiliary_models]
+    return groups
+
+
+def labels(job: JobRef, role: str, **extra: str) -> dict[str, str]:
+    return {
+        MANAGED_BY: OPERATOR_NAME,
+        "app.kubernetes.io/name": "explorer",
+        "app.kubernetes.io/instance": job.name,
+        JOB_LABEL: job.name,
+        ROLE_LABEL: role,
+        **extra,
+    }
+
+
+def engine_selector(job: JobRef) -> str:
+    return f"{JOB_LABEL}={job.name},{ROLE_LABEL}=engine,{GROUP_LABEL}={ROLLOUT_GROUP}"
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": models.API_VERSION,
+        "kind": models.KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: JobRef, name: str, role: str, **extra_labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels(job, role, **extra_labels),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def template_hash(obj: dict[str, Any]) -> str:
+    """A stable hash of a manifest, ignoring its own hash annotation."""
+    clean = json.loads(json.dumps(obj))
+    clean.get("metadata", {}).get("annotations", {}).pop(HASH_ANNOTATION, None)
+    return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = template_hash(obj)
+    return obj
+
+
+def sync_address(job: JobRef, spec: models.ExplorerJobSpec) -> str:
+    """The one exact rendezvous address string every side uses."""
+    return f"{job.name}-sync.{job.namespace}.svc:{spec.sync.port}"
+
+
+def engine_url(job: JobRef, group: EngineGroup, index: int) -> str:
+    host = f"{group.pod_name(job, index)}.{group.service_name(job)}.{job.namespace}.svc"
+    return f"http://{host}:{group.pods.port}"
+
+
+def build_explorer_config(job: JobRef, spec: models.ExplorerJobSpec) -> explorer_config.ExplorerConfig:
+    """The runtime configuration rendered from the spec (engines at their stable DNS names)."""
+
+    def group_config(group: EngineGroup, rank_base: int) -> explorer_config.EngineGroupConfig:
+        tp = group.model.tensor_parallel_size
+        endpoints = [
+            explorer_config.EngineEndpoint(
+                index=i, url=engine_url(job, group, i), rank_offset=rank_base + i * tp, world_size=tp
+            )
+            for i in range(group.pods.replicas)
+        ]
+        return explorer_config.EngineGroupConfig(name=group.name, model=group.model, engines=endpoints)
+
+    rollout, *auxiliary = engine_groups(spec)
+    return explorer_config.ExplorerConfig(
+        job=job.name,
+        namespace=job.namespace,
+        rollout=group_config(rollout, 1),
+        auxiliary=[group_config(g, 1) for g in auxiliary],
+        scheduler=spec.scheduler,
+        taskset=spec.taskset,
+        workflow=spec.workflow,
+        explore=spec.explore,
+        sync=spec.sync,
+        experiences=spec.experiences,
+        status_port=spec.coordinator.api_port,
+    )
+
+
+def build_config_map(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
+    rendered = yaml.safe_dump(build_explorer_config(job, spec).to_wire(), sort_keys=False)
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(job, f"{job.name}-config", "config"),
+            "data": {CONFIG_FILE: rendered},
+        }
+    )
+
+
+def _service(
+    job: JobRef, name: str, role: str, selector: dict[str, str], ports: list[dict[str, Any]], headless: bool
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"selector": selector, "ports": ports}
+    if headless:
+        spec.update(clusterIP="None", publishNotReadyAddresses=True)
+    return with_hash({"apiVersion": "v1", "kind": "Service", "metadata": _metadata(job, name, role), "spec": spec})
+
+
+def build_services(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
+    """Sync rendezvous (headless), coordinator API, and one headless Service per engine group."""
+    coordinator = {JOB_LABEL: job.name, ROLE_LABEL: "coordinator"}
+    api_port = {"name": "api", "port": spec.coordinator.api_port, "targetPort": "api"}
+    services = [
+        _service(job, f"{job.name}-sync", "sync", coordinator,
+                 [{"name": "sync", "port": spec.sync.port, "targetPort": "sync"}], headless=True),
+        _service(job, f"{job.name}-coordinator", "coordinator-api", coordinator, [api_port], headless=False),
+    ]  # fmt: skip
+    for group in engine_groups(spec):
+        selector = {JOB_LABEL: job.name, ROLE_LABEL: "engine", GROUP_LABEL: group.name}
+        ports = [{"name": "http", "port": group.pods.port, "targetPort": "http"}]
+        services.append(_service(job, group.service_name(job), "engines", selector, ports, headless=True))
+    return services
+
+
+def _gpu_resources(resources: dict[str, Any], gpus: int) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(resources))
+    for kind in ("limits", "requests"):
+        out.setdefault(kind, {})[GPU] = str(gpus)
+    return out
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+
+def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGroup, index: int) -> dict[str, Any]:
+    """One vLLM engine pod: GPUs = tensor-parallel size, probes sized for model loading, sync rank in env."""
+    tp = group.model.tensor_parallel_size
+    name = group.pod_name(job, index)
+    args = engine_args.EngineArgs(
+        model=group.model.path,
+        served_model_name=group.model.served_name,
+        host="0.0.0.0",  # inside the pod; the NetworkPolicy limits who reaches it
+        port=group.pods.port,
+        dtype=group.model.dtype,
+        max_model_len=group.model.max_model_len,
+        tensor_parallel_size=tp,
+        extra_args=tuple(group.model.extra_args),
+    )
+    rank_offset = 1 + index * tp if group.name == ROLLOUT_GROUP else 0
+    env = [
+        {"name": "EXPLORER_JOB", "value": job.name},
+        {"name": "EXPLORER_ENGINE_GROUP", "value": group.name},
+        {"name": "EXPLORER_ENGINE_INDEX", "value": str(index)},
+        {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
+        {"name": "EXPLORER_SYNC_RANK_OFFSET", "value": str(rank_offset)},
+        {"name": "EXPLORER_SYNC_WORLD_SIZE", "value": str(1 + spec.engines.replicas * spec.model.tensor_parallel_size)},
+        {"name": "VLLM_SERVER_DEV_MODE", "value": "1"},  # weight-transfer routes; see docs on network policy
+        *group.pods.env,
+    ]
+    container: dict[str, Any] = {
+        "name": "engine",
+        "image": group.pods.image,
+        "command": ["python3", "-m", engine_args.VLLM_SERVER_MODULE],
+        "args": engine_args.build_vllm_serve_args(args),
+        "ports": [{"name": "http", "containerPort": group.pods.port}],
+        "env": env,
+        "resources": _gpu_resources(group.pods.resources, tp),
+        "startupProbe": _probe("/health", "http", PROBE_PERIOD, STARTUP_PROBE_SECONDS // PROBE_PERIOD),
+        "readinessProbe": _probe("/health", "http", 5, 3),
+        "livenessProbe": _probe("/health", "http", PROBE_PERIOD, 6),
+        "volumeMounts": group.pods.volume_mounts,
+    }
+    if group.pods.image_pull_policy:
+        container["imagePullPolicy"] = group.pods.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator replaces failed engines within the job's restart budget
+        "hostname": name,
+        "subdomain": group.service_name(job),
+        "enableServiceLinks": False,
+        "containers": [container],
+        "nodeSelector": group.pods.node_selector,
+        "tolerations": group.pods.tolerations,
+        "volumes": group.pods.volumes,
+    }
+    if group.pods.affinity:
+        pod_spec["affinity"] = group.pods.affinity
+    if group.pods.priority_class_name:
+        pod_spec["priorityClassName"] = group.pods.priority_class_name
+    metadata = _metadata(job, name, "engine", **{GROUP_LABEL: group.name, INDEX_LABEL: str(index)})
+    return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
+
+
+def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
+    """The coordinator: Ray head + explorer driver, hosting the status API and the sync rendezvous."""
+    config_map = build_config_map(job, spec)
+    container = {
+        "name": "coordinator",
+        "image": spec.coordinator.image or spec.engines.image,
+        "command": ["python3", "-m", "explorer", "coordinator", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": [
+            {"name": "api", "containerPort": spec.coordinator.api_port},
+            {"name": "sync", "containerPort": spec.sync.port},
+            {"name": "ray", "containerPort": RAY_PORT},
+        ],
+        "env": [
+            {"name": "EXPLORER_JOB", "value": job.name},
+            {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
+        ],
+        "resources": spec.coordinator.resources,
+        "readinessProbe": _probe("/healthz", "api", 5, 3),
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+    }
+    metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
+    # A changed configuration replaces the coordinator so it never runs on a stale file.
+    metadata["annotations"] = {f"{models.GROUP}/config-hash": config_map["metadata"]["annotations"][HASH_ANNOTATION]}
+    pod_spec = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "nodeSelector": spec.coordinator.node_selector,
+        "tolerations": spec.coordinator.tolerations,
+        "volumes": [{"name": "config", "configMap": {"name": config_map["metadata"]["name"]}}],
+    }
+    return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
+
+
+def build_desired_pods(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, dict[str, Any]]:
+    """Every pod the job should have, by name (the coordinator first)."""
+    pods = {f"{job.name}-coordinator": build_coordinator_pod(job, spec)}
+    for group in engine_groups(spec):
+        for index in range(group.pods.replicas):
+            pod = build_engine_pod(job, spec, group, index)
+            pods[pod["metadata"]["name"]] = pod
+    return pods
+
+
+def build_static_children(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
+    """The ConfigMap and Services (everything but pods)."""
+    return [build_config_map(job, spec), *build_services(job, spec)]

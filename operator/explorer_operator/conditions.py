@@ -1,0 +1,174 @@
+"""Status computation: phase, counts and API-convention conditions from the observed pods and coordinator report.
+
+Ready is honest: every engine and the coordinator pass their probes and, once the runtime reports it, every engine
+has joined the sync group at the current policy version. Pod-level causes show under Degraded with the pod's own
+reason. A job that is not Ready within its startup deadline fails with a message naming the pods that held it up.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from explorer_operator import builders, models
+from explorer_operator.world import Event, Observed, Plan, pod_is_ready
+
+CONDITION_ORDER: tuple[models.ConditionType, ...] = (
+    "Ready",
+    "Progressing",
+    "Degraded",
+    "Synced",
+    "Suspended",
+    "Failed",
+)
+POD_TROUBLE = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CrashLoopBackOff")
+POLL_SECONDS = 5.0
+
+
+def _ts(now: datetime.datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    existing: list[models.Condition],
+    type_: models.ConditionType,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    generation: int | None = None,
+) -> list[models.Condition]:
+    """Set one condition, keeping its lastTransitionTime when its status did not change."""
+    old = next((c for c in existing if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == status else _ts(now)
+    new = models.Condition.model_validate(
+        {"type": type_, "status": status, "reason": reason, "message": message[:1024],
+         "lastTransitionTime": since, "observedGeneration": generation}
+    )  # fmt: skip
+    merged = {c.type: c for c in existing}
+    merged[type_] = new
+    return [merged[t] for t in CONDITION_ORDER if t in merged]
+
+
+def pod_trouble(name: str, pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when a pod is stuck for a pod-level cause (scheduling, image, config)."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond.get("reason") or "Unschedulable", f"{name}: {cond.get('message', '')}"
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in POD_TROUBLE:
+            return waiting["reason"], f"{name}: {waiting.get('message', waiting['reason'])}"
+    return None
+
+
+def compute(
+    job: builders.JobRef,
+    spec: models.ExplorerJobSpec,
+    status: models.ExplorerJobStatus,
+    observed: Observed,
+    desired: dict[str, dict[str, Any]],
+    now: datetime.datetime,
+    result: Plan,
+) -> None:
+    """Fill counts, phase and conditions of ``status`` in place; ask for a requeue when time matters."""
+    gen = status.observed_generation
+    live = {n: p for n, p in observed.pods.items() if not (p.get("metadata") or {}).get("deletionTimestamp")}
+    engines = [
+        n for n, p in desired.items() if p["metadata"]["labels"].get(builders.GROUP_LABEL) == builders.ROLLOUT_GROUP
+    ]
+    status.engines.current = sum(1 for n in engines if n in live)
+    status.engines.ready = sum(1 for n in engines if n in live and pod_is_ready(live[n]))
+    report = observed.report
+    if report is not None:
+        status.step = report.step
+        status.policy_version = report.policy_version
+        status.engines.in_sync = min(report.engines_in_sync or 0, status.engines.ready)
+        if report.last_sync_time:
+            status.last_sync = models.LastSync(
+                time=report.last_sync_time, duration_seconds=report.last_sync_duration_seconds,
+                bytes=report.last_sync_bytes,
+            )  # fmt: skip
+
+    def cond(type_: models.ConditionType, value: str, reason: str, message: str = "") -> None:
+        status.conditions = set_condition(status.conditions, type_, value, reason, message, now, gen)
+
+    cond("Suspended", "True" if spec.suspend and status.phase == "Suspended" else "False",
+         "Suspended" if status.phase == "Suspended" else "NotSuspended")  # fmt: skip
+    _synced(status, report, cond)
+    if status.phase in ("Succeeded", "Failed", "Suspended"):
+        cond("Ready", "False", status.phase, f"job is {status.phase}")
+        cond("Progressing", "False", status.phase)
+        cond("Degraded", "False", status.phase)
+        if status.phase != "Failed":
+            cond("Failed", "False", "NoFailure")
+        return
+
+    all_ready = bool(desired) and all(n in live and pod_is_ready(live[n]) for n in desired)
+    sync_known = report is not None and report.engines_in_sync is not None
+    ready = all_ready and (not sync_known or status.engines.in_sync >= status.engines.desired)
+    troubles = [t for n, p in live.items() if (t := pod_trouble(n, p))]
+    troubles += [("Restarting", f"{p.pod}: {p.reason}; recreated at {p.not_before}") for p in status.pending_restarts]
+    if troubles:
+        cond("Degraded", "True", troubles[0][0], "; ".join(m for _, m in troubles))
+    else:
+        cond("Degraded", "False", "NoPodProblems")
+
+    if ready:
+        status.phase = "Running"
+        status.ready_time = status.ready_time or _ts(now)
+        cond("Ready", "True", "AllEnginesReady", f"{status.engines.ready}/{status.engines.desired} engines ready")
+        cond("Progressing", "True", "Exploring", f"step {status.step} of {status.total_steps}")
+    else:
+        status.phase = "Running" if status.ready_time else ("Initializing" if live else "Pending")
+        waiting = [n for n in desired if not (n in live and pod_is_ready(live[n]))]
+        reason = "EnginesNotInSync" if all_ready else "PodsNotReady"
+        detail = (f"{status.engines.in_sync}/{status.engines.desired} engines in sync" if all_ready
+                  else f"not ready: {', '.join(waiting)}")  # fmt: skip
+        cond("Ready", "False", reason, detail)
+        cond("Progressing", "True", "Recovering" if status.ready_time else "Starting", detail)
+        if _check_startup_deadline(spec, status, detail, now, result, cond):
+            return
+    cond("Failed", "False", "NoFailure")
+    coordinator = live.get(f"{job.name}-coordinator")
+    if coordinator is not None and (coordinator.get("status") or {}).get("phase") == "Running":
+        result.requeue(POLL_SECONDS)
+
+
+def _synced(status: models.ExplorerJobStatus, report: Any, cond: Any) -> None:
+    if report is None:
+        cond("Synced", "Unknown", "NoReport", "the coordinator has not reported yet")
+    elif report.policy_version is None:
+        cond("Synced", "Unknown", "AwaitingFirstSync", "no weights pushed yet")
+    elif status.engines.in_sync >= status.engines.desired:
+        cond("Synced", "True", "InSync", f"all engines serve policy version {report.policy_version}")
+    else:
+        behind = f"{status.engines.in_sync}/{status.engines.desired} engines at version {report.policy_version}"
+        cond("Synced", "False", "EnginesBehind", behind)
+
+
+def _check_startup_deadline(
+    spec: models.ExplorerJobSpec,
+    status: models.ExplorerJobStatus,
+    detail: str,
+    now: datetime.datetime,
+    result: Plan,
+    cond: Any,
+) -> bool:
+    """Fail the job when it missed its startup deadline (True); otherwise requeue for the deadline."""
+    if status.ready_time or not status.start_time:
+        return False
+    started = datetime.datetime.strptime(status.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    remaining = started + datetime.timedelta(seconds=spec.startup_deadline_seconds) - now
+    if remaining.total_seconds() > 0:
+        result.requeue(remaining.total_seconds())
+        return False
+    message = f"not Ready within startupDeadlineSeconds={spec.startup_deadline_seconds}: {detail}"
+    status.phase = "Failed"
+    status.completion_time = _ts(now)
+    cond("Failed", "True", "StartupDeadlineExceeded", message)
+    cond("Ready", "False", "Failed", message)
+    result.events.append(Event("Warning", "StartupDeadlineExceeded", message))
+    result.requeue(0.5)  # the next pass removes the pods of the failed job
+    return True

@@ -1,0 +1,209 @@
+"""The pure planner: observed world in, the next actions and the job's status out.
+
+``plan`` decides what to apply and delete (missing children, restarts with backoff inside the budget, one-at-a-time
+replacement of changed engines, scale-down, suspend, completion cleanup) and computes the status from what it saw.
+The executor in ``reconcile`` only performs the plan; nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from explorer_operator import builders, conditions, models
+from explorer_operator.world import Event, Observed, Plan, pod_is_ready
+
+TERMINAL = ("Succeeded", "Failed")
+POLL_SECONDS = 5.0
+
+
+def _ts(now: datetime.datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(ts: str) -> datetime.datetime:
+    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def _hash(obj: dict[str, Any] | None) -> str | None:
+    if not obj:
+        return None
+    value: str | None = (obj.get("metadata", {}).get("annotations") or {}).get(builders.HASH_ANNOTATION)
+    return value
+
+
+def pod_failure(pod: dict[str, Any]) -> str:
+    """A one-line account of why a pod ended, from its own status."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            detail = term.get("message") or ""
+            return f"{term.get('reason', 'Error')} (exit {term.get('exitCode')}){': ' + detail if detail else ''}"
+    return str(status.get("reason") or status.get("message") or status.get("phase", "Unknown"))
+
+
+def backoff_seconds(policy: models.RestartPolicySpec, restarts: int) -> float:
+    return float(min(policy.backoff_seconds * (2**restarts), policy.max_backoff_seconds))
+
+
+def plan(
+    job: builders.JobRef,
+    generation: int,
+    spec: models.ExplorerJobSpec,
+    previous: models.ExplorerJobStatus,
+    observed: Observed,
+    now: datetime.datetime,
+) -> Plan:
+    """Decide the next actions for one job and compute its status."""
+    result = Plan()
+    status = previous.model_copy(deep=True)
+    status.observed_generation = generation
+    status.total_steps = spec.explore.total_steps
+    status.sync = models.SyncStatus(address=builders.sync_address(job, spec))
+    status.engines.desired = spec.engines.replicas
+    status.engines.selector = builders.engine_selector(job)
+
+    _plan_static_children(job, spec, observed, result)
+    desired_pods = builders.build_desired_pods(job, spec)
+    coordinator_name = f"{job.name}-coordinator"
+
+    if status.phase not in TERMINAL:
+        _detect_completion(status, observed, coordinator_name, now, result)
+    if status.phase in TERMINAL:
+        _cleanup_terminal(spec, status, observed, coordinator_name, result)
+    elif spec.suspend:
+        for name in observed.pods:
+            result.deletes.append(("Pod", name))
+        status.pending_restarts = []
+        status.start_time = None
+        status.ready_time = None
+        if status.phase != "Suspended":
+            result.events.append(Event("Normal", "Suspended", "Job suspended: every pod removed"))
+        status.phase = "Suspended"
+    else:
+        if status.phase == "Suspended":
+            result.events.append(Event("Normal", "Resumed", "Job resumed: recreating pods"))
+        _plan_pods(job, spec, status, observed, desired_pods, now, result)
+
+    conditions.compute(job, spec, status, observed, desired_pods, now, result)
+    result.status = status.to_wire()
+    return result
+
+
+def _plan_static_children(job: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed, result: Plan) -> None:
+    for child in builders.build_static_children(job, spec):
+        existing = (observed.config_maps if child["kind"] == "ConfigMap" else observed.services).get(
+            child["metadata"]["name"]
+        )
+        if _hash(existing) != _hash(child):
+            result.applies.append(child)
+
+
+def _detect_completion(
+    status: models.ExplorerJobStatus, observed: Observed, coordinator: str, now: datetime.datetime, result: Plan
+) -> None:
+    pod = observed.pods.get(coordinator)
+    pod_phase = ((pod or {}).get("status") or {}).get("phase")
+    reported = observed.report.phase if observed.report else None
+    if pod_phase == "Succeeded" or reported == "Succeeded":
+        status.phase = "Succeeded"
+        status.completion_time = _ts(now)
+        result.events.append(Event("Normal", "Succeeded", "The explorer finished every step"))
+
+
+def _cleanup_terminal(
+    spec: models.ExplorerJobSpec,
+    status: models.ExplorerJobStatus,
+    observed: Observed,
+    coordinator: str,
+    result: Plan,
+) -> None:
+    keep_coordinator = status.phase == "Succeeded" and spec.on_completion != "DeleteAll"
+    keep_engines = status.phase == "Succeeded" and spec.on_completion == "KeepAll"
+    for name in observed.pods:
+        if (name == coordinator and not keep_coordinator) or (name != coordinator and not keep_engines):
+            result.deletes.append(("Pod", name))
+    status.pending_restarts = []
+
+
+def _plan_pods(
+    job: builders.JobRef,
+    spec: models.ExplorerJobSpec,
+    status: models.ExplorerJobStatus,
+    observed: Observed,
+    desired: dict[str, dict[str, Any]],
+    now: datetime.datetime,
+    result: Plan,
+) -> None:
+    if status.start_time is None:
+        status.start_time = _ts(now)
+    pending = {p.pod: p for p in status.pending_restarts}
+    for name in observed.pods:
+        if name not in desired:
+            result.deletes.append(("Pod", name))  # scaled down, or an engine group removed
+
+    replacing = False
+    for name, pod in desired.items():
+        current = observed.pods.get(name)
+        if current is None:
+            waiting = pending.get(name)
+            if waiting and _parse(waiting.not_before) > now:
+                result.requeue((_parse(waiting.not_before) - now).total_seconds())
+                continue
+            pending.pop(name, None)
+            result.applies.append(pod)
+            continue
+        phase = (current.get("status") or {}).get("phase")
+        ended = phase == "Failed" or (phase == "Succeeded" and name != f"{job.name}-coordinator")
+        if ended and name in pending:
+            result.deletes.append(("Pod", name))  # already counted; its deletion is not visible yet
+            continue
+        if ended:
+            if not _restart(spec, status, name, current, now, pending, result):
+                status.pending_restarts = list(pending.values())
+                return
+            continue
+        if _hash(current) != _hash(pod) and not current.get("metadata", {}).get("deletionTimestamp"):
+            # Replace one changed pod at a time, and only while every other desired pod is ready.
+            others_ready = all(n == name or (n in observed.pods and pod_is_ready(observed.pods[n])) for n in desired)
+            if not replacing and others_ready:
+                replacing = True
+                result.deletes.append(("Pod", name))
+                result.events.append(Event("Normal", "Replacing", f"Pod {name} runs an outdated template"))
+    status.pending_restarts = list(pending.values())
+
+
+def _restart(
+    spec: models.ExplorerJobSpec,
+    status: models.ExplorerJobStatus,
+    name: str,
+    pod: dict[str, Any],
+    now: datetime.datetime,
+    pending: dict[str, models.PendingRestart],
+    result: Plan,
+) -> bool:
+    """Replace a failed pod after a backoff; False when the restart budget is spent (the job failed)."""
+    why = pod_failure(pod)
+    budget = spec.restart_policy.max_restarts
+    if status.restarts >= budget:
+        status.phase = "Failed"
+        status.completion_time = _ts(now)
+        message = f"pod {name} failed: {why}; restart budget of {budget} used up"
+        status.conditions = conditions.set_condition(
+            status.conditions, "Failed", "True", "RestartBudgetExceeded", message, now
+        )
+        result.events.append(Event("Warning", "RestartBudgetExceeded", message))
+        result.deletes.append(("Pod", name))
+        return False
+    delay = backoff_seconds(spec.restart_policy, status.restarts)
+    status.restarts += 1
+    not_before = now + datetime.timedelta(seconds=delay)
+    pending[name] = models.PendingRestart(pod=name, not_before=_ts(not_before), reason=why)
+    result.deletes.append(("Pod", name))
+    result.events.append(
+        Event("Warning", "PodFailed", f"pod {name} failed: {why}; recreating in {delay:.0f}s "
+              f"(restart {status.restarts} of {budget})")
+    )  # fmt: skip
+    result.requeue(delay)
+    return True

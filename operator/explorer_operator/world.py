@@ -1,0 +1,45 @@
+"""The planner's vocabulary: what was observed, and the plan (actions, events, status) it produces."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from explorer import status_api
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What the executor saw: children by name, and the coordinator's report if it answered."""
+
+    pods: dict[str, dict[str, Any]]
+    services: dict[str, dict[str, Any]]
+    config_maps: dict[str, dict[str, Any]]
+    report: status_api.CoordinatorReport | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass
+class Plan:
+    applies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    deletes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
+    events: list[Event] = dataclasses.field(default_factory=list)
+    status: dict[str, Any] = dataclasses.field(default_factory=dict)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.5)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+def pod_is_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
