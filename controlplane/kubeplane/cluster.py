@@ -12,6 +12,7 @@ import atexit
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -32,6 +33,9 @@ from kubeplane import build, pki, procs
 from kubeplane import nodes as fake_nodes
 
 WORKDIR_PREFIX = "kubeplane-"
+# Every request at Metadata level: tests count the writes a client made (by user agent) from this log.
+AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+                "rules": [{"level": "Metadata"}]}  # fmt: skip
 # Services get loopback ClusterIPs too: even a stray dial of one stays on this machine.
 SERVICE_CIDR = "127.96.0.0/16"
 POD_CIDR = "127.64.0.0/16"
@@ -131,6 +135,21 @@ class LocalCluster:
             "KUBECONFIG": str(self.kubeconfig),
             "PATH": f"{bin_dirs}{os.pathsep}{os.environ['PATH']}",
         }
+
+    @property
+    def audit_log(self) -> Path:
+        if self.workdir is None:
+            raise RuntimeError("cluster is not started")
+        return self.workdir / "audit.log"
+
+    def audit_events(self, offset: int = 0) -> list[dict[str, Any]]:
+        """Audit events written after byte ``offset`` of the audit log (see ``audit_offset``)."""
+        with self.audit_log.open("rb") as log:
+            log.seek(offset)
+            return [json.loads(line) for line in log.read().splitlines() if line.strip()]
+
+    def audit_offset(self) -> int:
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
     def rss_bytes(self) -> int:
         """Resident memory of every component process (and its children), summed."""
@@ -254,6 +273,8 @@ class LocalCluster:
     def _start_apiserver(self) -> None:
         assert self.workdir is not None and self._pki is not None
         p = self._pki
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
         proc = self._spawn(
             "kube-apiserver",
             [
@@ -275,6 +296,9 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.workdir / 'audit.log'}",
+                "--audit-log-format=json",
             ],
         )
         self._wait_http(proc, f"{self.server}/readyz", mtls=True, accept=lambda body: body.strip() == "ok")

@@ -220,7 +220,6 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         {"name": "EXPLORER_ENGINE_INDEX", "value": str(index)},
         {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
         {"name": "EXPLORER_SYNC_RANK_OFFSET", "value": str(rank_offset)},
-        {"name": "EXPLORER_SYNC_WORLD_SIZE", "value": str(1 + spec.engines.replicas * spec.model.tensor_parallel_size)},
         {"name": "VLLM_SERVER_DEV_MODE", "value": "1"},  # weight-transfer routes; see docs on network policy
         *group.pods.env,
     ]
@@ -259,7 +258,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
 
 def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
     """The coordinator: Ray head + explorer driver, hosting the status API and the sync rendezvous."""
-    config_map = build_config_map(job, spec)
+    config_name = f"{job.name}-config"
     container = {
         "name": "coordinator",
         "image": spec.coordinator.image or spec.engines.image,
@@ -277,16 +276,16 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         "readinessProbe": _probe("/healthz", "api", 5, 3),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
     }
+    # The configuration is mounted, not baked in: scaling engines updates the file in place and the runtime
+    # re-reads membership, so the coordinator (and its progress) survives a scale.
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
-    # A changed configuration replaces the coordinator so it never runs on a stale file.
-    metadata["annotations"] = {f"{models.GROUP}/config-hash": config_map["metadata"]["annotations"][HASH_ANNOTATION]}
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "containers": [container],
         "nodeSelector": spec.coordinator.node_selector,
         "tolerations": spec.coordinator.tolerations,
-        "volumes": [{"name": "config", "configMap": {"name": config_map["metadata"]["name"]}}],
+        "volumes": [{"name": "config", "configMap": {"name": config_name}}],
     }
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 

@@ -83,6 +83,7 @@ def plan(
         status.phase = "Suspended"
     else:
         if status.phase == "Suspended":
+            status.phase = "Pending"
             result.events.append(Event("Normal", "Resumed", "Job resumed: recreating pods"))
         _plan_pods(job, spec, status, observed, desired_pods, now, result)
 

@@ -1,0 +1,114 @@
+"""A thin JSON-in/JSON-out layer over the official client's transport (auth, TLS, retries come from it).
+
+The operator works on plain manifests (the builders' dicts), so it talks to the API in raw JSON paths instead of
+the generated model classes; server-side apply always uses one field manager.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from explorer_operator import models
+
+FIELD_MANAGER = "explorer-operator"
+USER_AGENT = "explorer-operator/0.1.0"
+APPLY = "application/apply-patch+yaml"
+
+# kind -> (API path prefix, plural)
+CORE_KINDS = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}
+
+
+class Kube:
+    """JSON requests against the API server with the client's configuration."""
+
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+        self.api.user_agent = USER_AGENT
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        serialized = self.api.param_serialize(
+            method, path, query_params=list(query), header_params=headers,
+            # The transport JSON-encodes dicts for JSON types; apply bodies go as a JSON string (valid YAML).
+            body=json.dumps(body) if content_type == APPLY else body, auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response = self.api.call_api(*serialized[:4])
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data) if response.data else None
+
+    # ---- typed helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def core_path(namespace: str, kind: str, name: str = "") -> str:
+        base = f"/api/v1/namespaces/{namespace}/{CORE_KINDS[kind]}"
+        return f"{base}/{name}" if name else base
+
+    @staticmethod
+    def job_path(namespace: str, name: str = "") -> str:
+        base = f"/apis/{models.GROUP}/{models.VERSION}/namespaces/{namespace}/{models.PLURAL}"
+        return f"{base}/{name}" if name else base
+
+    def list_core(self, namespace: str, kind: str, selector: str) -> dict[str, dict[str, Any]]:
+        items = self.request("GET", self.core_path(namespace, kind), [("labelSelector", selector)])["items"]
+        return {item["metadata"]["name"]: item for item in items}
+
+    def apply(self, obj: dict[str, Any]) -> Any:
+        path = self.core_path(obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"])
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        return self.request("PATCH", path, query, body=obj, content_type=APPLY)
+
+    def delete(self, namespace: str, kind: str, name: str) -> None:
+        try:
+            self.request("DELETE", self.core_path(namespace, kind, name), body={"propagationPolicy": "Background"})
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            job: dict[str, Any] = self.request("GET", self.job_path(namespace, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return job
+
+    def apply_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        body = {"apiVersion": models.API_VERSION, "kind": models.KIND, "metadata": {"name": name}, "status": status}
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        self.request("PATCH", self.job_path(namespace, name) + "/status", query, body=body, content_type=APPLY)
+
+    def post_event(self, job: dict[str, Any], type_: str, reason: str, note: str, event_time: str) -> None:
+        meta = job["metadata"]
+        body = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}-", "namespace": meta["namespace"]},
+            "eventTime": event_time,
+            "reportingController": f"{models.GROUP}/operator",
+            "reportingInstance": FIELD_MANAGER,
+            "action": reason,
+            "reason": reason,
+            "note": note[:1024],
+            "type": type_,
+            "regarding": {
+                "apiVersion": models.API_VERSION, "kind": models.KIND, "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"],
+            },
+        }  # fmt: skip
+        self.request("POST", f"/apis/events.k8s.io/v1/namespaces/{meta['namespace']}/events", body=body)

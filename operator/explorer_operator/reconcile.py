@@ -1,0 +1,149 @@
+"""The executor: observe one ExplorerJob's world, run the planner, perform its plan, write status only on change."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from typing import Any
+
+import httpx
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from explorer import status_api
+from explorer_operator import builders, conditions, kube, metrics, models, planner, validation
+from explorer_operator.world import Observed
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def _normalised_status(raw: dict[str, Any] | None) -> tuple[models.ExplorerJobStatus, dict[str, Any] | None]:
+    try:
+        parsed = models.ExplorerJobStatus.model_validate(raw or {})
+    except ValidationError:
+        return models.ExplorerJobStatus(), None
+    return parsed, parsed.to_wire() if raw else None
+
+
+def _validation_message(err: ValidationError) -> str:
+    return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
+
+
+class Reconciler:
+    """Reconciles jobs by (namespace, name); every Kubernetes call runs in a worker thread."""
+
+    def __init__(self, api: kube.Kube, http: httpx.AsyncClient):
+        self.api = api
+        self.http = http
+
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """One pass; returns seconds until the job wants another pass (None: wait for events)."""
+        started = time.monotonic()
+        try:
+            return await self._reconcile(namespace, name)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            metrics.RECONCILES.inc()
+
+    async def _reconcile(self, namespace: str, name: str) -> float | None:
+        job = await asyncio.to_thread(self.api.get_job, namespace, name)
+        if job is None:
+            metrics.forget_job(namespace, name)
+            return None
+        meta = job["metadata"]
+        if meta.get("deletionTimestamp"):
+            return None  # going away: garbage collection removes the children
+        ref = builders.JobRef(name=name, namespace=namespace, uid=meta["uid"])
+        previous, observed_status = _normalised_status(job.get("status"))
+        failed = next((c for c in previous.conditions if c.type == "Failed" and c.status == "True"), None)
+        try:
+            spec = models.ExplorerJobSpec.model_validate(job.get("spec") or {})
+            problems = validation.spec_problems(spec)
+        except ValidationError as err:
+            problems = [_validation_message(err)]
+        if problems:
+            await self._invalid(job, previous, observed_status, "; ".join(problems))
+            return None
+        if failed is not None and failed.reason == "InvalidSpec":
+            previous.phase = "Pending"  # the spec was fixed: start over
+            previous.conditions = [c for c in previous.conditions if c.type != "Failed"]
+
+        observed = await self._observe(ref, spec)
+        now = _now()
+        result = planner.plan(ref, meta.get("generation", 0), spec, previous, observed, now)
+        try:
+            for obj in result.applies:
+                await asyncio.to_thread(self.api.apply, obj)
+        except ApiException as err:
+            if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
+                return None  # the namespace (and with it this job) is being deleted
+            raise
+        for kind, child in dict.fromkeys(result.deletes):
+            await asyncio.to_thread(self.api.delete, namespace, kind, child)
+        for event in result.events:
+            await self._event(job, event.type, event.reason, event.message, now)
+        if result.status != observed_status:
+            await asyncio.to_thread(self.api.apply_job_status, namespace, name, result.status)
+            metrics.job_transition(namespace, name, meta, previous, result.status)
+        return result.requeue_after
+
+    async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
+        selector = f"{builders.JOB_LABEL}={ref.name}"
+        pods, services, config_maps = await asyncio.gather(
+            asyncio.to_thread(self.api.list_core, ref.namespace, "Pod", selector),
+            asyncio.to_thread(self.api.list_core, ref.namespace, "Service", selector),
+            asyncio.to_thread(self.api.list_core, ref.namespace, "ConfigMap", selector),
+        )
+        report = await self._poll_coordinator(pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
+        return Observed(pods=pods, services=services, config_maps=config_maps, report=report)
+
+    async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
+        status = (pod or {}).get("status") or {}
+        ip = status.get("podIP")
+        if status.get("phase") != "Running" or not ip:
+            return None
+        try:
+            response = await self.http.get(f"http://{ip}:{port}/status")
+            response.raise_for_status()
+            return status_api.CoordinatorReport.model_validate(response.json())
+        except (httpx.HTTPError, ValueError, ValidationError) as err:
+            log.debug("coordinator %s:%s did not report: %s", ip, port, err)
+            return None
+
+    async def _invalid(
+        self, job: dict[str, Any], previous: models.ExplorerJobStatus, observed: dict[str, Any] | None, message: str
+    ) -> None:
+        """A spec that cannot work: Failed/InvalidSpec and one Warning event; never an exception loop."""
+        now = _now()
+        status = previous.model_copy(deep=True)
+        status.phase = "Failed"
+        status.observed_generation = job["metadata"].get("generation")
+        gen = status.observed_generation
+        was = next((c for c in previous.conditions if c.type == "Failed"), None)
+        status.conditions = conditions.set_condition(
+            status.conditions, "Failed", "True", "InvalidSpec", message, now, gen
+        )
+        status.conditions = conditions.set_condition(
+            status.conditions, "Ready", "False", "InvalidSpec", message, now, gen
+        )
+        wire = status.to_wire()
+        if wire != observed:
+            await asyncio.to_thread(
+                self.api.apply_job_status, job["metadata"]["namespace"], job["metadata"]["name"], wire
+            )
+        if was is None or was.reason != "InvalidSpec" or was.message != message:
+            await self._event(job, "Warning", "InvalidSpec", message, now)
+
+    async def _event(self, job: dict[str, Any], type_: str, reason: str, message: str, now: datetime.datetime) -> None:
+        metrics.EVENTS.labels(reason=reason).inc()
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        try:
+            await asyncio.to_thread(self.api.post_event, job, type_, reason, message, stamp)
+        except Exception:  # an event is best effort; the status carries the same facts
+            log.warning("could not post event %s for %s", reason, job["metadata"]["name"], exc_info=True)
