@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install controlplane lint test demo demo-down bench clean
+.PHONY: install controlplane lint test demo plane plane-down bench clean
 
 install:
 	@scripts/install.sh
@@ -20,16 +20,20 @@ lint: install
 test: controlplane lint
 	$(PY) -m pytest $(PYTEST_ARGS); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
 
+# Local plane + CRD + operator + examples/; Ctrl-C tears it all down.
 demo: controlplane
-	@$(VENV)/bin/kubeplane cluster up
-	@echo "# the local plane is up; paste the lines above into your shell, then e.g. kubectl get nodes"
-	@echo "# stop it with: make demo-down"
+	$(PY) -m explorer_operator.demo
 
-demo-down: install
+# Only the local plane, in the background, for poking with kubectl.
+plane: controlplane
+	@$(VENV)/bin/kubeplane cluster up
+
+plane-down: install
 	@$(VENV)/bin/kubeplane cluster down
 
 bench: controlplane
 	$(PY) bench/controlplane.py
+	$(PY) bench/operator_scale.py
 
 clean:
 	rm -rf .cache/kubeplane .mypy_cache .ruff_cache .pytest_cache

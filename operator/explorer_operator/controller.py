@@ -21,7 +21,7 @@ POLL_TIMEOUT = httpx.Timeout(1.0)
 class Controller:
     """Owns the queue, the workers and the clients; ``stop`` releases all of them."""
 
-    def __init__(self, workers: int = 4):
+    def __init__(self, workers: int = 8):
         self.queue: workqueue.WorkQueue[tuple[str, str]] = workqueue.WorkQueue()
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []

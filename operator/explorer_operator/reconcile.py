@@ -78,14 +78,15 @@ class Reconciler:
         now = _now()
         result = planner.plan(ref, meta.get("generation", 0), spec, previous, observed, now)
         try:
-            for obj in result.applies:
-                await asyncio.to_thread(self.api.apply, obj)
+            # Independent objects: apply them concurrently (the API server orders nothing between them).
+            await asyncio.gather(*(asyncio.to_thread(self.api.apply, obj) for obj in result.applies))
         except ApiException as err:
             if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
                 return None  # the namespace (and with it this job) is being deleted
             raise
-        for kind, child in dict.fromkeys(result.deletes):
-            await asyncio.to_thread(self.api.delete, namespace, kind, child)
+        await asyncio.gather(
+            *(asyncio.to_thread(self.api.delete, namespace, k, c) for k, c in dict.fromkeys(result.deletes))
+        )
         for event in result.events:
             await self._event(job, event.type, event.reason, event.message, now)
         if result.status != observed_status:

@@ -1,0 +1,142 @@
+"""Builders, planner and validation of the operator as pure functions (no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from typing import Any
+
+from explorer_operator import builders, models, planner, validation
+from explorer_operator.world import Observed
+
+JOB = builders.JobRef(name="rl", namespace="team", uid="uid-1")
+NOW = datetime.datetime(2026, 11, 29, 8, 0, 0, tzinfo=datetime.UTC)
+
+
+def spec(**overrides: Any) -> models.ExplorerJobSpec:
+    body: dict[str, Any] = {
+        "model": {"path": "/models/m", "tensorParallelSize": 2},
+        "engines": {"replicas": 3},
+        "taskset": {"path": "/data/t.jsonl"},
+        "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 10, "maxBackoffSeconds": 15},
+    }
+    body.update(overrides)
+    return models.ExplorerJobSpec.model_validate(body)
+
+
+def running(pod: dict[str, Any]) -> dict[str, Any]:
+    pod = copy.deepcopy(pod)
+    pod["status"] = {"phase": "Running", "podIP": "127.64.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+    return pod
+
+
+def world(s: models.ExplorerJobSpec, **pod_overrides: dict[str, Any]) -> Observed:
+    pods = {n: running(p) for n, p in builders.build_desired_pods(JOB, s).items()}
+    pods.update(pod_overrides)
+    children = builders.build_static_children(JOB, s)
+    return Observed(
+        pods=pods,
+        services={c["metadata"]["name"]: c for c in children if c["kind"] == "Service"},
+        config_maps={c["metadata"]["name"]: c for c in children if c["kind"] == "ConfigMap"},
+    )
+
+
+def test_engine_pods_request_tp_gpus_and_get_collision_free_sync_ranks() -> None:
+    s = spec()
+    pods = [builders.build_engine_pod(JOB, s, builders.engine_groups(s)[0], i) for i in range(3)]
+    offsets = []
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert "--tensor-parallel-size" in container["args"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        offsets.append(int(env["EXPLORER_SYNC_RANK_OFFSET"]))
+        assert env["EXPLORER_SYNC_ADDRESS"] == "rl-sync.team.svc:29500"
+        assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["subdomain"] == "rl-engines"
+        assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 1800
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert offsets == [1, 3, 5]  # trainer is rank 0; each engine owns tp ranks
+
+
+def test_same_spec_gives_identical_manifests_and_hashes() -> None:
+    assert builders.build_desired_pods(JOB, spec()) == builders.build_desired_pods(JOB, spec())
+    changed = builders.build_desired_pods(JOB, spec(engines={"replicas": 3, "image": "other:2"}))
+    assert builders.template_hash(changed["rl-engine-0"]) != builders.template_hash(
+        builders.build_desired_pods(JOB, spec())["rl-engine-0"]
+    )
+
+
+def test_scaling_changes_no_existing_pod_template() -> None:
+    small, big = (
+        builders.build_desired_pods(JOB, spec()),
+        builders.build_desired_pods(JOB, spec(engines={"replicas": 5})),
+    )
+    assert all(big[name] == pod for name, pod in small.items())
+
+
+def test_fresh_job_plan_creates_everything_and_an_unchanged_world_plans_nothing() -> None:
+    s = spec()
+    empty = Observed(pods={}, services={}, config_maps={})
+    first = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), empty, NOW)
+    kinds = sorted(o["kind"] for o in first.applies)
+    assert kinds == ["ConfigMap"] + ["Pod"] * 4 + ["Service"] * 3
+    status = models.ExplorerJobStatus.model_validate(first.status)
+    settled = planner.plan(JOB, 1, s, status, world(s), NOW)
+    assert settled.applies == [] and settled.deletes == []
+    again = planner.plan(JOB, 1, s, models.ExplorerJobStatus.model_validate(settled.status), world(s), NOW)
+    assert again.status == settled.status  # status is a function of the world: no write the second time
+    assert again.status["phase"] == "Running"
+
+
+def test_failed_engine_is_replaced_after_backoff_and_the_budget_ends_the_job() -> None:
+    s = spec()
+    failed = running(builders.build_desired_pods(JOB, s)["rl-engine-1"])
+    failed["status"] = {
+        "phase": "Failed",
+        "containerStatuses": [{"state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}],
+    }
+    result = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), world(s, **{"rl-engine-1": failed}), NOW)
+    assert ("Pod", "rl-engine-1") in result.deletes
+    status = models.ExplorerJobStatus.model_validate(result.status)
+    assert status.restarts == 1 and status.pending_restarts[0].not_before == "2026-11-29T08:00:10Z"
+    assert result.requeue_after is not None and result.requeue_after <= 10
+    assert any(e.reason == "PodFailed" and "OOMKilled (exit 137)" in e.message for e in result.events)
+
+    gone = world(s)
+    del gone.pods["rl-engine-1"]
+    waiting = planner.plan(JOB, 1, s, status, gone, NOW + datetime.timedelta(seconds=5))
+    assert not [o for o in waiting.applies if o["kind"] == "Pod"]  # still backing off
+    later = planner.plan(JOB, 1, s, status, gone, NOW + datetime.timedelta(seconds=11))
+    assert [o["metadata"]["name"] for o in later.applies if o["kind"] == "Pod"] == ["rl-engine-1"]
+
+    spent = status.model_copy(update={"restarts": 2, "pending_restarts": []})
+    final = planner.plan(JOB, 1, s, spent, world(s, **{"rl-engine-1": failed}), NOW)
+    assert final.status["phase"] == "Failed"
+    reason = next(c for c in final.status["conditions"] if c["type"] == "Failed")
+    assert reason["reason"] == "RestartBudgetExceeded" and "rl-engine-1" in reason["message"]
+
+
+def test_backoff_doubles_up_to_its_ceiling() -> None:
+    policy = models.RestartPolicySpec(backoff_seconds=10, max_backoff_seconds=35)
+    assert [planner.backoff_seconds(policy, n) for n in range(4)] == [10, 20, 35, 35]
+
+
+def test_unschedulable_pod_shows_under_degraded_with_its_own_reason() -> None:
+    s = spec()
+    stuck = copy.deepcopy(builders.build_desired_pods(JOB, s)["rl-engine-2"])
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/4 nodes: Insufficient nvidia.com/gpu"}  # fmt: skip
+    stuck["status"] = {"phase": "Pending", "conditions": [unschedulable]}
+    result = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), world(s, **{"rl-engine-2": stuck}), NOW)
+    conds = {c["type"]: c for c in result.status["conditions"]}
+    assert conds["Degraded"]["reason"] == "Unschedulable" and "rl-engine-2" in conds["Degraded"]["message"]
+    assert conds["Ready"]["status"] == "False" and result.status["phase"] == "Initializing"
+
+
+def test_specs_that_cannot_work_are_explained() -> None:
+    problems = validation.spec_problems(spec(taskset={"path": "s3://bucket/t.jsonl"},
+                                             workflow={"name": "custom", "importPath": "not a path"}))  # fmt: skip
+    assert any("spec.taskset.path must be a path inside the pod" in p for p in problems)
+    assert any("spec.workflow.importPath must look like" in p for p in problems)
+    assert validation.spec_problems(spec()) == []
