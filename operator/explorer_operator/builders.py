@@ -176,10 +176,11 @@ def build_services(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, 
     """Sync rendezvous (headless), coordinator API, and one headless Service per engine group."""
     coordinator = {JOB_LABEL: job.name, ROLE_LABEL: "coordinator"}
     api_port = {"name": "api", "port": spec.coordinator.api_port, "targetPort": "api"}
+    ray_port = {"name": "ray", "port": RAY_PORT, "targetPort": "ray"}
     services = [
         _service(job, f"{job.name}-sync", "sync", coordinator,
                  [{"name": "sync", "port": spec.sync.port, "targetPort": "sync"}], headless=True),
-        _service(job, f"{job.name}-coordinator", "coordinator-api", coordinator, [api_port], headless=False),
+        _service(job, f"{job.name}-coordinator", "coordinator-api", coordinator, [api_port, ray_port], headless=False),
     ]  # fmt: skip
     for group in engine_groups(spec):
         selector = {JOB_LABEL: job.name, ROLE_LABEL: "engine", GROUP_LABEL: group.name}
@@ -290,9 +291,30 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
+def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> dict[str, Any]:
+    """A CPU-only Ray worker joining the coordinator's Ray head, for heavy workflows (runners spread onto it)."""
+    container = {
+        "name": "worker",
+        "image": spec.coordinator.image or spec.engines.image,
+        "command": ["ray", "start", "--block", f"--address={job.name}-coordinator.{job.namespace}.svc:{RAY_PORT}"],
+        "resources": spec.coordinator.resources,
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "nodeSelector": spec.coordinator.node_selector,
+        "tolerations": spec.coordinator.tolerations,
+    }
+    metadata = _metadata(job, f"{job.name}-worker-{index}", "worker", **{INDEX_LABEL: str(index)})
+    return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
+
+
 def build_desired_pods(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, dict[str, Any]]:
     """Every pod the job should have, by name (the coordinator first)."""
     pods = {f"{job.name}-coordinator": build_coordinator_pod(job, spec)}
+    for index in range(spec.coordinator.cpu_workers):
+        pods[f"{job.name}-worker-{index}"] = build_worker_pod(job, spec, index)
     for group in engine_groups(spec):
         for index in range(group.pods.replicas):
             pod = build_engine_pod(job, spec, group, index)

@@ -410,3 +410,25 @@ def test_status_mirrors_the_coordinator_report_and_ready_waits_for_sync(jobs: Jo
     job = jobs.wait_phase("mirror", "Succeeded")
     assert job["status"]["completionTime"]
     wait_for(lambda: jobs.running_pods("mirror") == {"mirror-coordinator"}, what="engines removed on success")
+
+
+def test_changed_engine_template_replaces_engines_one_at_a_time(jobs: Jobs) -> None:
+    jobs.create(job_manifest("rolling", engines={"replicas": 3}))
+    jobs.wait_phase("rolling", "Running")
+    jobs.patch_spec("rolling", {"engines": {"image": "registry.invalid/runtime:2"}})
+    worst = 0
+
+    def rolled() -> bool:
+        nonlocal worst
+        pods = jobs.pods("rolling")
+        engines = [pods.get(f"rolling-engine-{i}") for i in range(3)]
+        worst = max(worst, sum(1 for p in engines if p is None or p.status.phase != "Running"))
+        return all(
+            p is not None and p.status.phase == "Running" and p.spec.containers[0].image == "registry.invalid/runtime:2"
+            for p in engines
+        )
+
+    wait_for(rolled, timeout=90, what="every engine on the new image")
+    assert worst <= 1, f"{worst} engines were down at once"
+    assert jobs.pods("rolling")["rolling-coordinator"].spec.containers[0].image == "registry.invalid/runtime:2"
+    jobs.wait_phase("rolling", "Running")

@@ -140,3 +140,20 @@ def test_specs_that_cannot_work_are_explained() -> None:
     assert any("spec.taskset.path must be a path inside the pod" in p for p in problems)
     assert any("spec.workflow.importPath must look like" in p for p in problems)
     assert validation.spec_problems(spec()) == []
+
+
+def test_cpu_workers_and_auxiliary_groups_get_their_own_pods_and_services() -> None:
+    s = spec(coordinator={"cpuWorkers": 2},
+             auxiliaryModels=[{"name": "judge", "replicas": 1, "model": {"path": "/models/judge"}}])  # fmt: skip
+    pods = builders.build_desired_pods(JOB, s)
+    assert {"rl-worker-0", "rl-worker-1", "rl-judge-0"} <= set(pods)
+    worker = pods["rl-worker-0"]["spec"]["containers"][0]
+    assert worker["command"][:2] == ["ray", "start"] and "rl-coordinator.team.svc:6379" in worker["command"][-1]
+    assert "nvidia.com/gpu" not in str(worker["resources"])
+    judge = pods["rl-judge-0"]
+    assert judge["spec"]["subdomain"] == "rl-judge"
+    assert {e["name"]: e["value"] for e in judge["spec"]["containers"][0]["env"]}["EXPLORER_SYNC_RANK_OFFSET"] == "0"
+    services = {svc["metadata"]["name"] for svc in builders.build_services(JOB, s)}
+    assert services == {"rl-sync", "rl-coordinator", "rl-engines", "rl-judge"}
+    config = builders.build_explorer_config(JOB, s)
+    assert config.auxiliary[0].engines[0].url == "http://rl-judge-0.rl-judge.team.svc:8000"
