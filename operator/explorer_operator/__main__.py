@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import kopf
 from prometheus_client import start_http_server
 
-from explorer_operator import handlers
+from explorer_operator import handlers, leadership
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,8 +19,13 @@ def parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
     scope.add_argument("--all-namespaces", action="store_true", help="cluster-wide mode (the default)")
-    p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
-    p.add_argument("--peering", default=None, help="kopf peering object name (two replicas: one is active)")
+    p.add_argument("--standalone", action="store_true", help="single replica: no leader election")
+    p.add_argument(
+        "--leader-elect-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader-election Lease (several replicas: one reconciles)",
+    )
+    p.add_argument("--leader-elect-name", default="explorer-operator", help="name of the leader-election Lease")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
     p.add_argument("--metrics-address", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=9090, help="0 disables the metrics endpoint")
@@ -34,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
     assert handlers  # registered on import
+    if args.standalone:
+        leadership.LEADERSHIP.lead_alone()
+    else:
+        leadership.LEADERSHIP.elect(args.leader_elect_name, args.leader_elect_namespace)
     asyncio.run(
         kopf.operator(
-            standalone=args.standalone,
-            peering_name=args.peering,
+            standalone=True,  # kopf's own peering is replaced by the Lease election
             namespaces=args.namespace,
             clusterwide=not args.namespace,
             liveness_endpoint=args.liveness,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from kubernetes import client, config
 
-from explorer_operator import kube, metrics, reconcile, workqueue
+from explorer_operator import kube, leadership, metrics, reconcile, workqueue
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = 300.0
@@ -47,6 +47,7 @@ class Controller:
     async def _work(self) -> None:
         while True:
             key = await self.queue.get()
+            await leadership.LEADERSHIP.wait()  # followers queue work but never write
             namespace, name = key
             try:
                 requeue = await self.reconciler.reconcile(namespace, name)

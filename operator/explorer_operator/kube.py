@@ -7,6 +7,8 @@ the generated model classes; server-side apply always uses one field manager.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +30,8 @@ class Kube:
 
     def __init__(self, api: client.ApiClient):
         self.api = api
-        self.api.user_agent = USER_AGENT
+        # The replica's identity in the audit log: which of several replicas wrote what.
+        self.api.user_agent = f"{USER_AGENT} ({socket.gethostname()}-{os.getpid()})"
 
     def request(
         self,
