@@ -42,21 +42,20 @@ class LocalEngine:
         return f"http://{self.args.host}:{self.args.port}"
 
     def start(self, timeout: float = 600.0) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            engine_args.VLLM_SERVER_MODULE,
-            *engine_args.build_vllm_serve_args(self.args),
-        ]
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process without waiting (start several, then ``wait_ready`` on each)."""
+        argv = [sys.executable, "-m", engine_args.VLLM_SERVER_MODULE, *engine_args.build_vllm_serve_args(self.args)]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                argv,
-                env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                argv, env=self._env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        assert self._proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
@@ -68,6 +67,10 @@ class LocalEngine:
                 time.sleep(0.5)
         self.stop()
         raise EngineStartError(f"vLLM not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from kubernetes import client
 
+from explorer import engine_args, local_engine, tiny_model
 from kubeplane import cluster as kubeplane_cluster
 from kubeplane import paths
 
@@ -107,3 +108,39 @@ def operator(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return tiny_model.make_tiny_model(tiny_model.default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def cpu_engines(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[local_engine.LocalEngine]]:
+    """The session's pair of real CPU vLLM engines on the tiny model (started together, stopped at the end)."""
+    logs = tmp_path_factory.mktemp("engines")
+    engines = [
+        local_engine.LocalEngine(
+            engine_args.EngineArgs(model=str(tiny_model_dir), served_model_name="tiny", port=free_port(),
+                                   dtype="float32", max_model_len=256, max_num_seqs=16, seed=0,
+                                   kv_cache_memory_bytes=64 << 20, enforce_eager=True),
+            logs / f"engine-{i}.log",
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for engine in engines:
+            engine.launch()
+        for engine in engines:
+            engine.wait_ready()
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(cpu_engines: list[local_engine.LocalEngine]) -> local_engine.LocalEngine:
+    return cpu_engines[0]

@@ -1,0 +1,38 @@
+"""One experience: the tokens a policy produced for a task run, their logprobs, the reward, and provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class Experience:
+    """Token ids are prompt then response; ``logprobs`` cover the response tokens only."""
+
+    tokens: list[int]
+    prompt_length: int
+    logprobs: list[float]
+    reward: float
+    batch_id: str = ""
+    task_id: int = 0
+    run_id: int = 0
+    policy_version: int | None = None
+    response_text: str = ""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.tokens) - self.prompt_length
+
+    @property
+    def group_id(self) -> str:
+        """The GRPO group key: every run of one task in one batch."""
+        return f"{self.batch_id}/{self.task_id}"
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Experience:
+        return cls(**record)

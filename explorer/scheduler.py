@@ -1,0 +1,346 @@
+"""The event-driven rollout scheduler (seed API: TaskWrapper, RunnerWrapper, Scheduler).
+
+No polling: ``schedule`` pushes sub-tasks onto a priority heap (batch-id order, retries first) and wakes the
+dispatcher, which hands each to the next idle runner; completions wake ``get_results`` waiters directly. Each attempt
+gets exactly ``task_timeout_seconds``; a timed-out attempt is cancelled on the runner (its engine request aborted)
+and retried on another runner; a crashed runner actor is replaced and its sub-task retried; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from explorer import config as explorer_config
+from explorer.experience import Experience
+from explorer.workflow_runner import ModelRef, Status, WorkflowRunner
+from explorer.workflows import Task
+
+BatchId = int | str
+
+
+def batch_key(batch_id: BatchId) -> tuple[float, int, str]:
+    """``2 < "2/eval" < 3 < "abc"``: train steps, then that step's eval batches, then anything else."""
+    if isinstance(batch_id, int):
+        return (batch_id, 0, "")
+    head, _, rest = batch_id.partition("/")
+    if head.isdigit():
+        return (int(head), 0 if not rest else 1, rest)
+    return (math.inf, 2, batch_id)
+
+
+@dataclasses.dataclass
+class TaskWrapper:
+    """A (sub-)task as scheduled: ``repeat_times`` runs starting at run id ``run_id_base``."""
+
+    task: Task
+    batch_id: BatchId
+    run_id_base: int = 0
+    repeat_times: int = 1
+    attempts: int = 0
+    index: int = 0  # position of the task in its ``schedule`` call
+
+
+class RunnerBackend(Protocol):
+    """Where a runner executes: a Ray actor in production; in-process only for benchmarks."""
+
+    async def run(self, task: TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]: ...
+
+    async def restart(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RayRunner:
+    """A ``WorkflowRunner`` Ray actor; cancels timed-out calls and replaces itself when the actor dies."""
+
+    def __init__(self, runner_id: int, cfg: explorer_config.ExplorerConfig, model: ModelRef, aux: Sequence[ModelRef]):
+        import ray
+
+        self._ray = ray
+        self._args = (cfg, model, list(aux), runner_id)
+        self._cls = ray.remote(num_cpus=0, max_restarts=0)(WorkflowRunner)
+        self.actor = self._cls.remote(*self._args)
+
+    async def ready(self) -> None:
+        await self.actor.ping.remote()
+
+    async def run(self, task: TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
+        ref = self.actor.run_task.remote(task.task, task.repeat_times, task.run_id_base)
+        try:
+            result: tuple[Status, list[Experience]] = await asyncio.wait_for(ref, timeout)
+            return result
+        except TimeoutError:
+            self._ray.cancel(ref)  # raises CancelledError in the actor: the engine request is aborted
+            return Status(False, {}, f"attempt timed out after {timeout:g}s"), []
+        except asyncio.CancelledError:
+            self._ray.cancel(ref)
+            raise
+        except self._ray.exceptions.RayActorError as err:
+            await self.restart()
+            return Status(False, {}, f"runner {self._args[3]} died and was replaced: {type(err).__name__}"), []
+
+    async def restart(self) -> None:
+        self._ray.kill(self.actor, no_restart=True)
+        self.actor = self._cls.remote(*self._args)
+        await self.ready()
+
+    async def close(self) -> None:
+        self._ray.kill(self.actor, no_restart=True)
+
+
+class RunnerWrapper:
+    """Seed API: one runner and its retry loop (the Scheduler itself retries on *another* runner)."""
+
+    def __init__(
+        self,
+        runner_id: int,
+        rollout_model: ModelRef,
+        auxiliary_models: Sequence[ModelRef] | None,
+        config: explorer_config.ExplorerConfig,
+        backend: RunnerBackend | None = None,
+    ):
+        self.runner_id = runner_id
+        self.config = config
+        self.backend = backend or RayRunner(runner_id, config, rollout_model, auxiliary_models or [])
+
+    async def run_once(self, task: TaskWrapper) -> tuple[Status, list[Experience]]:
+        return await self.backend.run(task, self.config.scheduler.task_timeout_seconds)
+
+    async def run_with_retry(self, task: TaskWrapper) -> tuple[Status, list[Experience], int]:
+        status, experiences = Status(False, {}, "not run"), list[Experience]()
+        for _ in range(self.config.scheduler.max_retry_times + 1):
+            status, experiences = await self.run_once(task)
+            if status.ok:
+                break
+        return status, experiences, self.runner_id
+
+
+@dataclasses.dataclass
+class _TaskResult:
+    subtasks: int
+    statuses: list[Status] = dataclasses.field(default_factory=list)
+    experiences: list[Experience] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def combined(self) -> Status:
+        ok = all(s.ok for s in self.statuses)
+        keys = {k for s in self.statuses for k in s.metric}
+        metric = {k: sum(s.metric.get(k, 0.0) for s in self.statuses) / len(self.statuses) for k in keys}
+        errors = [s.message for s in self.statuses if not s.ok and s.message]
+        ok_runs = sum(1 for s in self.statuses if s.ok)
+        message = (
+            None
+            if ok
+            else f"{ok_runs}/{len(self.statuses)} sub-tasks succeeded. First error: {errors[0] if errors else '?'}"
+        )
+        return Status(ok, metric, message)
+
+
+@dataclasses.dataclass
+class _Batch:
+    batch_id: BatchId
+    tasks: dict[int, _TaskResult] = dataclasses.field(default_factory=dict)
+    done: list[int] = dataclasses.field(default_factory=list)
+    collected: int = 0
+    running: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    cancelled: bool = False
+    retries: int = 0
+    failures: int = 0
+
+
+class Scheduler:
+    """Dispatches tasks to runners; ``get_results`` collects them per batch."""
+
+    def __init__(
+        self,
+        config: explorer_config.ExplorerConfig,
+        rollout_model: ModelRef,
+        auxiliary_models: Sequence[ModelRef] | None = None,
+        runner_count: int | None = None,
+        backend_factory: Callable[[int], RunnerBackend] | None = None,
+    ):
+        self.config = config
+        engines = max(1, len(config.rollout.engines))
+        count = runner_count or engines * config.scheduler.runners_per_engine
+        self.runners = [
+            RunnerWrapper(i, rollout_model, auxiliary_models, config, backend_factory(i) if backend_factory else None)
+            for i in range(count)
+        ]
+        self._idle: asyncio.Queue[RunnerWrapper] = asyncio.Queue()
+        self._pending: list[tuple[tuple[float, int, str], int, int, TaskWrapper, _Batch]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._batches: dict[BatchId, _Batch] = {}
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.metrics: dict[BatchId, dict[str, float]] = {}
+
+    async def start(self) -> None:
+        ready = [r.backend.ready() for r in self.runners if isinstance(r.backend, RayRunner)]
+        await asyncio.gather(*ready)
+        for runner in self.runners:
+            self._idle.put_nowait(runner)
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler-dispatch")
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for batch in self._batches.values():
+            self._cancel(batch)
+        await asyncio.gather(*(r.backend.close() for r in self.runners), return_exceptions=True)
+
+    # ---- scheduling ------------------------------------------------------------------------------------
+    def _split(self, task: Task, batch_id: BatchId, index: int) -> list[TaskWrapper]:
+        repeat = self.config.explore.repeat_times if not task.is_eval else 1
+        chunk = self.config.scheduler.max_repeat_times_per_runner or repeat
+        return [
+            TaskWrapper(task, batch_id, run_id_base=base, repeat_times=min(chunk, repeat - base), index=index)
+            for base in range(0, repeat, chunk)
+        ]
+
+    def schedule(self, tasks: Sequence[Task], batch_id: BatchId) -> None:
+        """Queue ``tasks`` as batch ``batch_id`` (an int, or a string starting with an int); never blocks."""
+        batch = self._batches.setdefault(batch_id, _Batch(batch_id))
+        offset = len(batch.tasks)
+        for index, task in enumerate(tasks, start=offset):
+            subtasks = self._split(task, batch_id, index)
+            batch.tasks[index] = _TaskResult(subtasks=len(subtasks))
+            for sub in subtasks:
+                self._push(sub, batch, retry=False)
+        self._wake.set()
+
+    def _push(self, sub: TaskWrapper, batch: _Batch, retry: bool) -> None:
+        heapq.heappush(self._pending, (batch_key(sub.batch_id), 0 if retry else 1, next(self._seq), sub, batch))
+
+    async def _dispatch(self) -> None:
+        while True:
+            runner = await self._idle.get()
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            *_, sub, batch = heapq.heappop(self._pending)
+            if batch.cancelled:
+                self._idle.put_nowait(runner)
+                continue
+            job = asyncio.create_task(self._run(runner, sub, batch))
+            batch.running.add(job)
+            job.add_done_callback(batch.running.discard)
+
+    async def _run(self, runner: RunnerWrapper, sub: TaskWrapper, batch: _Batch) -> None:
+        try:
+            status, experiences = await runner.run_once(sub)
+        finally:
+            self._idle.put_nowait(runner)
+        if batch.cancelled:
+            return
+        if not status.ok and sub.attempts < self.config.scheduler.max_retry_times:
+            sub.attempts += 1
+            batch.retries += 1
+            self._push(sub, batch, retry=True)  # the next idle runner, usually another one, takes it
+            self._wake.set()
+            return
+        for exp in experiences:
+            exp.batch_id = str(sub.batch_id)
+        result = batch.tasks[sub.index]
+        result.statuses.append(status)
+        result.experiences.extend(experiences)
+        if len(result.statuses) == result.subtasks:
+            result.finished = time.monotonic()
+            batch.done.append(sub.index)
+            if not all(s.ok for s in result.statuses):
+                batch.failures += 1
+            batch.changed.set()
+
+    # ---- collecting ------------------------------------------------------------------------------------
+    def _default_timeout(self) -> float:
+        sched = self.config.scheduler
+        return sched.task_timeout_seconds * (sched.max_retry_times + 1)
+
+    def _cancel(self, batch: _Batch) -> None:
+        batch.cancelled = True
+        for job in list(batch.running):
+            job.cancel()
+        batch.changed.set()
+
+    async def get_results(
+        self,
+        batch_id: BatchId,
+        min_num: int | None = None,
+        timeout: float | None = None,
+        clear_timeout_tasks: bool = True,
+    ) -> tuple[list[Status], list[Experience]]:
+        """Wait for the batch's tasks (or ``min_num`` of them); return and drain the completed ones."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            return [], []
+        want = len(batch.tasks) if min_num is None else min(min_num, len(batch.tasks))
+        deadline = time.monotonic() + (timeout if timeout is not None else self._default_timeout())
+        while len(batch.done) < want and not batch.cancelled:
+            batch.changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(batch.changed.wait(), remaining)
+            except TimeoutError:
+                break
+        timed_out = len(batch.done) < want
+        if timed_out and clear_timeout_tasks:
+            self._cancel(batch)
+        fresh = batch.done[batch.collected :]
+        batch.collected = len(batch.done)
+        statuses = [batch.tasks[i].combined() for i in fresh]
+        experiences = [e for i in fresh for e in batch.tasks[i].experiences]
+        self._record_metrics(batch, fresh, len(experiences))
+        if batch.cancelled or batch.collected == len(batch.tasks):
+            self._batches.pop(batch_id, None)
+        return statuses, experiences
+
+    def _record_metrics(self, batch: _Batch, indices: list[int], experiences: int) -> None:
+        latencies = sorted(r.finished - r.started for i in indices if (r := batch.tasks[i]).finished is not None)
+        if not latencies:
+            return
+        span = max(r.finished for i in indices if (r := batch.tasks[i]).finished) - min(
+            batch.tasks[i].started for i in indices
+        )
+        self.metrics[batch.batch_id] = {
+            "tasks": len(indices),
+            "experiences": experiences,
+            "tasks_per_second": len(indices) / span if span > 0 else float(len(indices)),
+            "latency_p50": latencies[len(latencies) // 2],
+            "latency_p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "retries": batch.retries,
+            "failures": batch.failures,
+        }
+
+    async def wait_all(self, timeout: float | None = None, clear_timeout_tasks: bool = True) -> None:
+        """Wait until every scheduled task finished (results stay collectable); TimeoutError when none finishes
+        within ``timeout``."""
+        limit = timeout if timeout is not None else self._default_timeout()
+        while True:
+            open_batches = [b for b in self._batches.values() if not b.cancelled and len(b.done) < len(b.tasks)]
+            if not open_batches:
+                return
+            waiters = [asyncio.create_task(b.changed.wait()) for b in open_batches]
+            for b in open_batches:
+                b.changed.clear()
+            finished, pending = await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            if not finished:
+                if clear_timeout_tasks:
+                    for b in open_batches:
+                        self._cancel(b)
+                raise TimeoutError(f"no task finished within {limit:g}s")
+
+    def has_step(self, batch_id: BatchId) -> bool:
+        return batch_id in self._batches
