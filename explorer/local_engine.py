@@ -24,6 +24,12 @@ OFFLINE_ENV = {
 }
 
 
+def cpu_binding(index: int) -> dict[str, str]:
+    """Pin local CPU engine ``index`` to its own core (vLLM's auto binding puts every engine on core 0)."""
+    cores = os.cpu_count() or 1
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(index % cores)}
+
+
 class EngineStartError(RuntimeError):
     """The engine exited or did not answer /health in time; the message carries its log tail."""
 

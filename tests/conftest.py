@@ -127,6 +127,7 @@ def cpu_engines(
                                    dtype="float32", max_model_len=256, max_num_seqs=16, seed=0,
                                    kv_cache_memory_bytes=64 << 20, enforce_eager=True),
             logs / f"engine-{i}.log",
+            env=local_engine.cpu_binding(i),
         )
         for i in range(2)
     ]  # fmt: skip

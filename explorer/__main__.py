@@ -1,0 +1,123 @@
+"""``python -m explorer``: ``run --config FILE`` explores; ``coordinator`` does the same inside an ExplorerJob's
+coordinator pod (status API on all interfaces); ``demo`` is the embedded default on local CPU vLLM engines."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from explorer import config as explorer_config
+from explorer import engine_args, explorer, local_engine, tiny_model
+
+
+def load_config(path: Path) -> explorer_config.ExplorerConfig:
+    try:
+        return explorer_config.ExplorerConfig.model_validate(yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise SystemExit(f"no config file at {path}") from None
+    except ValueError as err:
+        raise SystemExit(f"invalid explorer config {path}:\n{err}") from None
+
+
+def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int) -> int:
+    import ray
+
+    ray.init(
+        include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1" if host.startswith("127.") else None
+    )
+    ex = explorer.Explorer(cfg)
+    bar = tqdm(total=cfg.explore.total_steps, desc="explore", unit="step")
+
+    def progress(step: int, metrics: dict[str, float]) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(reward=f"{metrics.get('reward_mean', 0):.2f}", failed=int(metrics.get("failed_tasks", 0)))
+
+    ex.on_step = progress
+    try:
+        summary = asyncio.run(explorer.serve_and_explore(ex, host, port))
+    finally:
+        bar.close()
+        ray.shutdown()
+    for error in ex.row_errors:
+        print(f"skipped taskset row {error}", file=sys.stderr)
+    print(summary)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Two local CPU engines on the tiny model, the built-in arithmetic taskset, experiences with rewards."""
+    model = tiny_model.make_tiny_model(tiny_model.default_model_dir())
+    work = Path(args.output or tempfile.mkdtemp(prefix="explorer-demo-"))
+    engines = [
+        local_engine.LocalEngine(
+            engine_args.EngineArgs(model=str(model), served_model_name="tiny", port=free_port(), dtype="float32",
+                                   max_model_len=256, max_num_seqs=16, seed=0, kv_cache_memory_bytes=64 << 20,
+                                   enforce_eager=True),
+            work / f"engine-{i}.log",
+            env=local_engine.cpu_binding(i),
+        )
+        for i in range(args.engines)
+    ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"starting {args.engines} CPU vLLM engine(s) on the tiny model (about a minute on 2 cores) ...")
+        for engine in engines:
+            engine.launch()
+        for engine in engines:
+            engine.wait_ready()
+        cfg = explorer_config.ExplorerConfig.model_validate({
+            "job": "demo", "namespace": "local",
+            "rollout": {"name": "rollout", "model": {"path": str(model), "servedName": "tiny"},
+                        "engines": [{"index": i, "url": e.base_url, "rankOffset": 1 + i, "worldSize": 1}
+                                    for i, e in enumerate(engines)]},
+            "taskset": {"path": "builtin:arithmetic"},
+            "workflow": {"name": "math", "maxTokens": 16},
+            "explore": {"batchSize": 8, "repeatTimes": 4, "totalSteps": args.steps},
+            "scheduler": {"runnersPerEngine": 2, "taskTimeoutSeconds": 120},
+            "experiences": {"path": str(work / "experiences"), "format": "jsonl"},
+        })  # fmt: skip
+        code = _run(cfg, "127.0.0.1", free_port())
+        print(f"experiences: {work / 'experiences'} (manifest.json lists the committed steps)")
+        return code
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "coordinator"):
+        p = sub.add_parser(name, help=f"{name}: explore per --config")
+        p.add_argument("--config", type=Path, required=True)
+        p.add_argument("--status-host", default="127.0.0.1" if name == "run" else "0.0.0.0")
+        p.add_argument("--status-port", type=int, default=None, help="default: the config's statusPort")
+    d = sub.add_parser("demo", help="the embedded default on local CPU vLLM engines")
+    d.add_argument("--steps", type=int, default=4)
+    d.add_argument("--engines", type=int, default=2)
+    d.add_argument("--output", default=None, help="directory for logs and experiences (default: a temp dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.command == "demo":
+        return demo(args)
+    cfg = load_config(args.config)
+    return _run(cfg, args.status_host, args.status_port or cfg.status_port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

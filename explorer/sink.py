@@ -1,0 +1,87 @@
+"""Experience sink: one file per explore step, committed atomically, listed in a manifest the trainer reads.
+
+A step's experiences are written to a temporary file, fsynced and renamed into place, then the manifest (also
+written by rename) gains the step: a reader never sees half a step, and a step already in the manifest is never
+written again — so every (step, task, run) lands exactly once, also when the coordinator restarts mid-step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from explorer.experience import Experience
+
+MANIFEST = "manifest.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ExperienceSink:
+    """Writes committed steps under ``directory`` in JSONL or Parquet."""
+
+    def __init__(self, directory: Path, fmt: str = "jsonl"):
+        self.directory = directory
+        self.format = fmt
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.directory / MANIFEST).read_text())
+        except FileNotFoundError:
+            data = {"format": self.format, "steps": {}}
+        return data
+
+    def committed_steps(self) -> set[int]:
+        return {int(step) for step in self.manifest()["steps"]}
+
+    def commit(self, step: int, experiences: Sequence[Experience], policy_version: int | None = None) -> bool:
+        """Write step ``step`` once; False (and nothing written) when it is already committed."""
+        manifest = self.manifest()
+        if str(step) in manifest["steps"]:
+            return False
+        name = f"step-{step:08d}.{'parquet' if self.format == 'parquet' else 'jsonl'}"
+        records = [e.to_record() for e in experiences]
+        if self.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.directory)
+            os.close(fd)
+            try:
+                rows = [{**r, "info": json.dumps(r["info"])} for r in records]
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
+                os.replace(tmp, self.directory / name)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        else:
+            body = "".join(json.dumps(r) + "\n" for r in records).encode()
+            _atomic_write(self.directory / name, body)
+        manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version}
+        _atomic_write(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return True
+
+    def read_step(self, step: int) -> list[Experience]:
+        entry = self.manifest()["steps"][str(step)]
+        path = self.directory / entry["file"]
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+            return [Experience.from_record({**r, "info": json.loads(r["info"])}) for r in rows]
+        return [Experience.from_record(json.loads(line)) for line in path.read_text().splitlines() if line]
