@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install controlplane lint test demo plane plane-down bench clean
+.PHONY: install controlplane lint test demo explore-demo plane plane-down bench clean
 
 install:
 	@scripts/install.sh
@@ -24,6 +24,10 @@ test: controlplane lint
 demo: controlplane
 	$(PY) -m explorer_operator.demo
 
+# The runtime alone: local CPU vLLM engines + Ray runners + the built-in arithmetic taskset.
+explore-demo: install
+	$(PY) -m explorer demo
+
 # Only the local plane, in the background, for poking with kubectl.
 plane: controlplane
 	@$(VENV)/bin/kubeplane cluster up
@@ -34,6 +38,7 @@ plane-down: install
 bench: controlplane
 	$(PY) bench/controlplane.py
 	$(PY) bench/operator_scale.py
+	$(PY) bench/scheduler.py --engines
 
 clean:
 	rm -rf .cache/kubeplane .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,185 @@
+"""Benchmark of the rollout scheduler.
+
+1. Orchestration only: 8 runners, 64 tasks x 8 repeats, an engine of zero latency (``InstantModel``, an in-process
+   ``InferenceModel`` that exists for this benchmark only). Runners as real Ray actors, and in-process for the
+   scheduler's own cost. Prints tasks/s and orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s,
+   30-35 ms per task, 100 ms floor per batch on the same kind of machine.
+2. With ``--engines``: two real CPU vLLM engines on the tiny model; experiences/s through the scheduler versus the
+   same requests sent straight to the engines with the same concurrency (the overhead of our layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from explorer import config, engine_args, inference, local_engine, scheduler, tiny_model
+from explorer.experience import Experience
+from explorer.workflow_runner import Status, WorkflowRunner
+from explorer.workflows import Task
+
+
+class InstantModel:
+    """Benchmark-only engine: answers at once with fixed tokens."""
+
+    async def generate(
+        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+    ) -> list[inference.Completion]:
+        return [inference.Completion([1, 2, 3], [4, 5], [-0.1, -0.2], "42", "stop") for _ in range(n)]
+
+    async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> list[inference.Completion]:
+        return await self.generate("", **kwargs)
+
+    async def close(self) -> None:
+        return None
+
+
+class InProcessRunner:
+    """Benchmark-only backend: the WorkflowRunner called directly, to isolate the scheduler's own cost."""
+
+    def __init__(self, cfg: config.ExplorerConfig):
+        self.runner = WorkflowRunner(cfg, InstantModel())
+
+    async def run(self, task: scheduler.TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
+        return await asyncio.wait_for(self.runner.run_task(task.task, task.repeat_times, task.run_id_base), timeout)
+
+    async def restart(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def make_config(urls: list[str], repeat: int, runners_per_engine: int, max_tokens: int = 8) -> config.ExplorerConfig:
+    return config.ExplorerConfig.model_validate({
+        "job": "bench", "namespace": "local",
+        "rollout": {"name": "rollout", "model": {"path": "tiny", "servedName": "tiny"},
+                    "engines": [{"index": i, "url": u, "rankOffset": 1 + i, "worldSize": 1}
+                                for i, u in enumerate(urls)]},
+        "taskset": {"path": "builtin:arithmetic"}, "workflow": {"name": "math", "maxTokens": max_tokens},
+        "explore": {"repeatTimes": repeat}, "scheduler": {"runnersPerEngine": runners_per_engine},
+    })  # fmt: skip
+
+
+def tasks(n: int) -> list[Task]:
+    return [Task(task_id=i, prompt=f"What is {i % 20} plus {i % 7}?", reference=str(i % 20 + i % 7)) for i in range(n)]
+
+
+async def run_batches(sched: scheduler.Scheduler, n_tasks: int, batches: int) -> tuple[float, int]:
+    await sched.start()
+    try:
+        sched.schedule(tasks(n_tasks), batch_id=0)  # warm-up
+        await sched.get_results(0)
+        started, produced = time.perf_counter(), 0
+        for b in range(1, batches + 1):
+            sched.schedule(tasks(n_tasks), batch_id=b)
+            _, exps = await sched.get_results(b)
+            produced += len(exps)
+        return time.perf_counter() - started, produced
+    finally:
+        await sched.stop()
+
+
+def rates(tasks_done: int, exps: int, seconds: float) -> str:
+    return (
+        f"{tasks_done / seconds:8.0f} tasks/s  {1000 * seconds / tasks_done:6.3f} ms/task  {exps / seconds:8.0f} exps/s"
+    )
+
+
+def orchestration(n_tasks: int, repeat: int, runners: int, batches: int) -> None:
+    import ray
+
+    cfg = make_config(["http://127.0.0.1:9"], repeat, runners)
+    print(
+        f"orchestration: {runners} runners, {n_tasks} tasks x {repeat} repeats, zero-latency engine, {batches} batches"
+    )
+    local = scheduler.Scheduler(cfg, InstantModel(), backend_factory=lambda _: InProcessRunner(cfg))
+    seconds, exps = asyncio.run(run_batches(local, n_tasks, batches))
+    total = n_tasks * batches
+    print(f"  in-process runners: {rates(total, exps, seconds)}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        actors = scheduler.Scheduler(cfg, InstantModel())
+        seconds, exps = asyncio.run(run_batches(actors, n_tasks, batches))
+        print(f"  Ray actor runners:  {rates(total, exps, seconds)}")
+        one = scheduler.Scheduler(cfg, InstantModel())
+        seconds, _ = asyncio.run(run_batches(one, 1, 20))
+        print(f"  one instant task per batch (Ray): {1000 * seconds / 20:.1f} ms per batch (reference floor: 100 ms)")
+    finally:
+        ray.shutdown()
+
+
+async def direct(urls: list[str], prompts: list[str], repeat: int, concurrency: int, max_tokens: int) -> float:
+    engines = [inference.OpenAIEngine(u, "tiny") for u in urls]
+    pool = inference.EnginePool(engines)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> None:
+        async with gate:
+            await pool.generate(prompt, n=repeat, max_tokens=max_tokens)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - started
+    await pool.close()
+    return seconds
+
+
+def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
+    import ray
+
+    model = tiny_model.make_tiny_model(tiny_model.default_model_dir())
+    logs = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    engines = [local_engine.LocalEngine(
+        engine_args.EngineArgs(model=str(model), served_model_name="tiny", port=20000 + i, dtype="float32",
+                               max_model_len=256, max_num_seqs=32, seed=0, kv_cache_memory_bytes=64 << 20,
+                               enforce_eager=True),
+        logs / f"e{i}.log", env=local_engine.cpu_binding(i)) for i in range(2)]  # fmt: skip
+    for e in engines:
+        e.launch()
+    try:
+        for e in engines:
+            e.wait_ready()
+        urls = [e.base_url for e in engines]
+        cfg = make_config(urls, repeat, runners_per_engine, max_tokens=16)
+        prompts = [t.prompt for t in tasks(n_tasks)]
+        asyncio.run(direct(urls, prompts[:4], repeat, 4, 16))  # warm-up
+        concurrency = len(urls) * runners_per_engine
+        base = asyncio.run(direct(urls, prompts, repeat, concurrency, 16))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
+            seconds, exps = asyncio.run(run_batches(scheduler.Scheduler(cfg, cfg.rollout), n_tasks, 1))
+        finally:
+            ray.shutdown()
+        direct_rate, ours = n_tasks * repeat / base, exps / seconds
+        print(
+            f"real CPU engines x2 (tiny model), {n_tasks} tasks x {repeat} repeats, 16 tokens, "
+            f"concurrency {concurrency}"
+        )
+        print(f"  direct to engines: {direct_rate:7.1f} exps/s")
+        print(f"  through scheduler: {ours:7.1f} exps/s  ({ours / direct_rate:.2f}x of direct; goal >= 0.95x)")
+    finally:
+        for e in engines:
+            e.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=8)
+    parser.add_argument("--runners", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--engines", action="store_true", help="also measure against two real CPU vLLM engines")
+    args = parser.parse_args()
+    orchestration(args.tasks, args.repeat, args.runners, args.batches)
+    if args.engines:
+        with_engines(args.tasks, args.repeat, 4)
+
+
+if __name__ == "__main__":
+    main()
