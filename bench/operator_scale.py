@@ -17,7 +17,8 @@ import psutil
 from kubernetes import client
 
 from explorer_operator import builders, models
-from explorer_operator.demo import kubectl, running_operator
+from explorer_operator.demo import kubectl
+from explorer_operator.local import running_operator
 from kubeplane import cluster, nodes, paths
 
 GIB = 2**30
@@ -89,9 +90,9 @@ def main() -> None:
         time.sleep(5)
 
         assert local.workdir is not None
-        with running_operator(local, local.workdir / "operator.log") as proc:
-            time.sleep(3)
-            operator = psutil.Process(proc.pid)
+        with running_operator(local, local.workdir / "operator.log") as running:
+            running.wait_live()
+            operator = psutil.Process(running.process.pid)
             cpu_before = sum(operator.cpu_times()[:2])
             offset = local.audit_offset()
             core.create_namespace({"metadata": {"name": "bench"}})

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from kubernetes import client
 
 from explorer import engine_args, local_engine, tiny_model
+from explorer_operator.local import LocalOperator, running_operator
 from kubeplane import cluster as kubeplane_cluster
 from kubeplane import paths
 
@@ -50,24 +47,6 @@ def free_port() -> int:
     return kubeplane_cluster.free_port()
 
 
-@dataclasses.dataclass
-class RunningOperator:
-    """The operator as a real subprocess against the session's plane."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    metrics_url: str
-
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus metric's samples (all labels)."""
-        text = httpx.get(self.metrics_url, timeout=5).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"
-        )
-
-
 @pytest.fixture(scope="session")
 def crd_installed(local_cluster: kubeplane_cluster.LocalCluster) -> None:
     env = local_cluster.env()
@@ -81,33 +60,10 @@ def crd_installed(local_cluster: kubeplane_cluster.LocalCluster) -> None:
 @pytest.fixture(scope="session")
 def operator(
     local_cluster: kubeplane_cluster.LocalCluster, crd_installed: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningOperator]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    live, metrics = free_port(), free_port()
-    argv = [sys.executable, "-m", "explorer_operator", "--standalone", "--all-namespaces", "--log-format", "plain",
-            "--liveness", f"http://127.0.0.1:{live}/healthz", "--metrics-address", "127.0.0.1",
-            "--metrics-port", str(metrics)]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=local_cluster.env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"operator exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{live}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"operator not live:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-        yield RunningOperator(proc, log, f"http://127.0.0.1:{metrics}/metrics")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+) -> Iterator[LocalOperator]:
+    with running_operator(local_cluster, tmp_path_factory.mktemp("operator") / "operator.log") as running:
+        running.wait_live()
+        yield running
 
 
 @pytest.fixture(scope="session")

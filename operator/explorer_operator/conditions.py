@@ -11,7 +11,7 @@ import datetime
 from typing import Any
 
 from explorer_operator import builders, models
-from explorer_operator.world import Event, Observed, Plan, pod_is_ready
+from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
 
 CONDITION_ORDER: tuple[models.ConditionType, ...] = (
     "Ready",
@@ -25,10 +25,6 @@ POD_TROUBLE = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateCo
 POLL_SECONDS = 5.0
 
 
-def _ts(now: datetime.datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def set_condition(
     existing: list[models.Condition],
     type_: models.ConditionType,
@@ -40,7 +36,7 @@ def set_condition(
 ) -> list[models.Condition]:
     """Set one condition, keeping its lastTransitionTime when its status did not change."""
     old = next((c for c in existing if c.type == type_), None)
-    since = old.last_transition_time if old is not None and old.status == status else _ts(now)
+    since = old.last_transition_time if old is not None and old.status == status else timestamp(now)
     new = models.Condition.model_validate(
         {"type": type_, "status": status, "reason": reason, "message": message[:1024],
          "lastTransitionTime": since, "observedGeneration": generation}
@@ -117,7 +113,7 @@ def compute(
 
     if ready:
         status.phase = "Running"
-        status.ready_time = status.ready_time or _ts(now)
+        status.ready_time = status.ready_time or timestamp(now)
         cond("Ready", "True", "AllEnginesReady", f"{status.engines.ready}/{status.engines.desired} engines ready")
         cond("Progressing", "True", "Exploring", f"step {status.step} of {status.total_steps}")
     else:
@@ -159,14 +155,14 @@ def _check_startup_deadline(
     """Fail the job when it missed its startup deadline (True); otherwise requeue for the deadline."""
     if status.ready_time or not status.start_time:
         return False
-    started = datetime.datetime.strptime(status.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    started = parse_timestamp(status.start_time)
     remaining = started + datetime.timedelta(seconds=spec.startup_deadline_seconds) - now
     if remaining.total_seconds() > 0:
         result.requeue(remaining.total_seconds())
         return False
     message = f"not Ready within startupDeadlineSeconds={spec.startup_deadline_seconds}: {detail}"
     status.phase = "Failed"
-    status.completion_time = _ts(now)
+    status.completion_time = timestamp(now)
     cond("Failed", "True", "StartupDeadlineExceeded", message)
     cond("Ready", "False", "Failed", message)
     result.events.append(Event("Warning", "StartupDeadlineExceeded", message))

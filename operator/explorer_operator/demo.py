@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from explorer_operator.local import running_operator
 from kubeplane import cluster, paths
 
 # The examples mount a `model-cache` claim; the local plane has no provisioner, so the demo binds one statically.
@@ -47,24 +47,6 @@ def kubectl(local: cluster.LocalCluster, *args: str, text_input: str | None = No
     ).stdout
 
 
-@contextlib.contextmanager
-def running_operator(local: cluster.LocalCluster, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [sys.executable, "-m", "explorer_operator", "--standalone", "--all-namespaces", "--log-format", "plain",
-            "--liveness", f"http://127.0.0.1:{cluster.free_port()}/healthz", "--metrics-address", "127.0.0.1",
-            "--metrics-port", str(cluster.free_port())]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=local.env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def wait_running(local: cluster.LocalCluster, names: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         kubectl(local, "apply", "--server-side", "-f", str(paths.repo_root() / "crds"))
         kubectl(local, "wait", "--for=condition=Established", "crd/explorerjobs.explorer.rft.dev")
         assert local.workdir is not None
-        with running_operator(local, local.workdir / "operator.log"):
+        with running_operator(local, local.workdir / "operator.log") as operator:
+            operator.wait_live()
             kubectl(local, "apply", "-f", "-", text_input=MODEL_CACHE)
             manifests = sorted(args.examples.glob("*.yaml"))
             kubectl(local, "apply", *[a for m in manifests for a in ("-f", str(m))])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from explorer_operator import models
+from explorer_operator.world import parse_timestamp
 
 RECONCILE_SECONDS = Histogram("explorer_operator_reconcile_seconds", "Duration of one reconcile pass")
 RECONCILES = Counter("explorer_operator_reconciles_total", "Reconcile passes")
@@ -23,10 +23,6 @@ JOBS = Gauge("explorer_operator_jobs", "ExplorerJobs by phase", ["phase"])
 _phases: dict[tuple[str, str], str] = {}
 
 
-def _parse(ts: str) -> datetime.datetime:
-    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
-
-
 def _refresh_phase_gauge() -> None:
     for phase in ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended"):
         JOBS.labels(phase=phase).set(sum(1 for p in _phases.values() if p == phase))
@@ -39,7 +35,9 @@ def job_transition(
     _phases[(namespace, name)] = status.get("phase", "Pending")
     _refresh_phase_gauge()
     if status.get("readyTime") and not previous.ready_time and meta.get("creationTimestamp"):
-        TIME_TO_READY.observe((_parse(status["readyTime"]) - _parse(meta["creationTimestamp"])).total_seconds())
+        TIME_TO_READY.observe(
+            (parse_timestamp(status["readyTime"]) - parse_timestamp(meta["creationTimestamp"])).total_seconds()
+        )
     restarted = status.get("restarts", 0) - previous.restarts
     if restarted > 0:
         RESTARTS.inc(restarted)

@@ -11,18 +11,10 @@ import datetime
 from typing import Any
 
 from explorer_operator import builders, conditions, models
-from explorer_operator.world import Event, Observed, Plan, pod_is_ready
+from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
 
 TERMINAL = ("Succeeded", "Failed")
 POLL_SECONDS = 5.0
-
-
-def _ts(now: datetime.datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(ts: str) -> datetime.datetime:
-    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def _hash(obj: dict[str, Any] | None) -> str | None:
@@ -109,7 +101,7 @@ def _detect_completion(
     reported = observed.report.phase if observed.report else None
     if pod_phase == "Succeeded" or reported == "Succeeded":
         status.phase = "Succeeded"
-        status.completion_time = _ts(now)
+        status.completion_time = timestamp(now)
         result.events.append(Event("Normal", "Succeeded", "The explorer finished every step"))
 
 
@@ -138,7 +130,7 @@ def _plan_pods(
     result: Plan,
 ) -> None:
     if status.start_time is None:
-        status.start_time = _ts(now)
+        status.start_time = timestamp(now)
     pending = {p.pod: p for p in status.pending_restarts}
     for name in observed.pods:
         if name not in desired:
@@ -149,8 +141,8 @@ def _plan_pods(
         current = observed.pods.get(name)
         if current is None:
             waiting = pending.get(name)
-            if waiting and _parse(waiting.not_before) > now:
-                result.requeue((_parse(waiting.not_before) - now).total_seconds())
+            if waiting and parse_timestamp(waiting.not_before) > now:
+                result.requeue((parse_timestamp(waiting.not_before) - now).total_seconds())
                 continue
             pending.pop(name, None)
             result.applies.append(pod)
@@ -189,7 +181,7 @@ def _restart(
     budget = spec.restart_policy.max_restarts
     if status.restarts >= budget:
         status.phase = "Failed"
-        status.completion_time = _ts(now)
+        status.completion_time = timestamp(now)
         message = f"pod {name} failed: {why}; restart budget of {budget} used up"
         status.conditions = conditions.set_condition(
             status.conditions, "Failed", "True", "RestartBudgetExceeded", message, now
@@ -200,7 +192,7 @@ def _restart(
     delay = backoff_seconds(spec.restart_policy, status.restarts)
     status.restarts += 1
     not_before = now + datetime.timedelta(seconds=delay)
-    pending[name] = models.PendingRestart(pod=name, not_before=_ts(not_before), reason=why)
+    pending[name] = models.PendingRestart(pod=name, not_before=timestamp(not_before), reason=why)
     result.deletes.append(("Pod", name))
     result.events.append(
         Event("Warning", "PodFailed", f"pod {name} failed: {why}; recreating in {delay:.0f}s "

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Any
 
 from explorer import status_api
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def timestamp(now: datetime.datetime) -> str:
+    """Kubernetes' second-resolution UTC time string."""
+    return now.strftime(TIME_FORMAT)
+
+
+def parse_timestamp(value: str) -> datetime.datetime:
+    return datetime.datetime.strptime(value, TIME_FORMAT).replace(tzinfo=datetime.UTC)
 
 
 @dataclasses.dataclass(frozen=True)

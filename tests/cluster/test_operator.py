@@ -17,8 +17,9 @@ from kubernetes import client
 from explorer import config as explorer_config
 from explorer import status_api
 from explorer_operator import builders, models
+from explorer_operator.local import LocalOperator
 from kubeplane import cluster as kubeplane_cluster
-from tests.conftest import RunningOperator, free_port
+from tests.conftest import free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -96,7 +97,7 @@ class Jobs:
 
 @pytest.fixture
 def jobs(
-    k8s: client.ApiClient, namespace: str, operator: RunningOperator, local_cluster: kubeplane_cluster.LocalCluster
+    k8s: client.ApiClient, namespace: str, operator: LocalOperator, local_cluster: kubeplane_cluster.LocalCluster
 ) -> Jobs:
     return Jobs(k8s, namespace, local_cluster.env())
 
@@ -148,7 +149,7 @@ def test_job_creates_its_children_with_owner_references_and_runs(jobs: Jobs, loc
 
 
 def test_reconciling_an_unchanged_world_writes_nothing(
-    jobs: Jobs, local_cluster: kubeplane_cluster.LocalCluster, operator: RunningOperator
+    jobs: Jobs, local_cluster: kubeplane_cluster.LocalCluster, operator: LocalOperator
 ) -> None:
     jobs.create(job_manifest("steady"))
     jobs.wait_phase("steady", "Running")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from explorer_operator import models
+from explorer_operator.local import LocalOperator, running_operator
 from kubeplane import cluster, paths
 from tests.cluster.test_operator import job_manifest
 from tests.waiting import wait_for
@@ -20,22 +19,8 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.cluster
 
 
-@contextlib.contextmanager
-def replica(local: cluster.LocalCluster, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [sys.executable, "-m", "explorer_operator", "--namespace", "ha", "--leader-elect-namespace", "ha",
-            "--log-format", "plain", "--liveness", f"http://127.0.0.1:{cluster.free_port()}/healthz",
-            "--metrics-port", "0"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=local.env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def replica(local: cluster.LocalCluster, log: Path) -> contextlib.AbstractContextManager[LocalOperator]:
+    return running_operator(local, log, scope=("--namespace", "ha", "--leader-elect-namespace", "ha"))
 
 
 def test_only_the_leader_reconciles_and_a_follower_takes_over(tmp_path: Path) -> None:
@@ -49,9 +34,11 @@ def test_only_the_leader_reconciles_and_a_follower_takes_over(tmp_path: Path) ->
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         for ns in ("ha", "elsewhere"):
             core.create_namespace({"metadata": {"name": ns}})
-        with replica(local, tmp_path / "a.log") as first:
+        with replica(local, tmp_path / "a.log") as first_operator:
+            first = first_operator.process
             lease = wait_for(lambda: _lease_holder(api), timeout=60, what="a leader")
-            with replica(local, tmp_path / "b.log") as second:
+            with replica(local, tmp_path / "b.log") as second_operator:
+                second = second_operator.process
                 time.sleep(3)
                 assert _lease_holder(api) == lease  # the second replica follows
                 custom.create_namespaced_custom_object(models.GROUP, models.VERSION, "ha", models.PLURAL,
