@@ -8,6 +8,8 @@ timed-out attempt) closes its HTTP connection, which makes vLLM abort the genera
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -45,6 +47,9 @@ class InferenceModel(Protocol):
     async def close(self) -> None: ...
 
 
+RETRY_DOWN_AFTER = 10.0
+
+
 class EngineUnavailableError(RuntimeError):
     """No engine of the pool answered."""
 
@@ -70,6 +75,7 @@ class OpenAIEngine:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.outstanding = 0
+        self.failed_at = -math.inf  # monotonic time of the last transport failure
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0))
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +128,9 @@ class EnginePool:
         return cls([OpenAIEngine(url, model) for url in urls])
 
     def _by_load(self) -> list[OpenAIEngine]:
-        return sorted(self.engines, key=lambda e: e.outstanding)
+        """Healthy engines first (no transport failure in the last ``RETRY_DOWN_AFTER`` s), then least loaded."""
+        now = time.monotonic()
+        return sorted(self.engines, key=lambda e: (now - e.failed_at < RETRY_DOWN_AFTER, e.outstanding))
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> list[Completion]:
         errors = []
@@ -133,6 +141,7 @@ class EnginePool:
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
                 if isinstance(err, httpx.HTTPStatusError) and err.response.status_code < 500:
                     raise  # the request itself is wrong: another engine would say the same
+                engine.failed_at = time.monotonic()
                 errors.append(f"{engine.base_url}: {err!r}")
         raise EngineUnavailableError("no engine answered: " + "; ".join(errors))
 

@@ -17,6 +17,11 @@ from kubeplane import cluster as kubeplane_cluster
 from kubeplane import paths
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``destructive`` break a shared fixture: run them after everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+
+
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[kubeplane_cluster.LocalCluster]:
     """The session's control plane (4 fake nodes x 8 GPUs); stopped even when tests fail or are interrupted."""
