@@ -55,14 +55,17 @@ class InProcessRunner:
         return None
 
 
-def make_config(urls: list[str], repeat: int, runners_per_engine: int, max_tokens: int = 8) -> config.ExplorerConfig:
+def make_config(
+    urls: list[str], repeat: int, runners_per_engine: int, max_tokens: int = 8, processes: int | None = None
+) -> config.ExplorerConfig:
     return config.ExplorerConfig.model_validate({
         "job": "bench", "namespace": "local",
         "rollout": {"name": "rollout", "model": {"path": "tiny", "servedName": "tiny"},
                     "engines": [{"index": i, "url": u, "rankOffset": 1 + i, "worldSize": 1}
                                 for i, u in enumerate(urls)]},
         "taskset": {"path": "builtin:arithmetic"}, "workflow": {"name": "math", "maxTokens": max_tokens},
-        "explore": {"repeatTimes": repeat}, "scheduler": {"runnersPerEngine": runners_per_engine},
+        "explore": {"repeatTimes": repeat},
+        "scheduler": {"runnersPerEngine": runners_per_engine, "runnerProcesses": processes},
     })  # fmt: skip
 
 
@@ -146,23 +149,28 @@ def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
         for e in engines:
             e.wait_ready()
         urls = [e.base_url for e in engines]
-        cfg = make_config(urls, repeat, runners_per_engine, max_tokens=16)
         prompts = [t.prompt for t in tasks(n_tasks)]
         asyncio.run(direct(urls, prompts[:4], repeat, 4, 16))  # warm-up
         concurrency = len(urls) * runners_per_engine
         base = asyncio.run(direct(urls, prompts, repeat, concurrency, 16))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        try:
-            seconds, exps = asyncio.run(run_batches(scheduler.Scheduler(cfg, cfg.rollout), n_tasks, 1))
-        finally:
-            ray.shutdown()
-        direct_rate, ours = n_tasks * repeat / base, exps / seconds
+        direct_rate = n_tasks * repeat / base
         print(
             f"real CPU engines x2 (tiny model), {n_tasks} tasks x {repeat} repeats, 16 tokens, "
             f"concurrency {concurrency}"
         )
-        print(f"  direct to engines: {direct_rate:7.1f} exps/s")
-        print(f"  through scheduler: {ours:7.1f} exps/s  ({ours / direct_rate:.2f}x of direct; goal >= 0.95x)")
+        print(f"  direct to engines:                  {direct_rate:7.1f} exps/s")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
+            for processes in (None, 2):
+                cfg = make_config(urls, repeat, runners_per_engine, max_tokens=16, processes=processes)
+                seconds, exps = asyncio.run(run_batches(scheduler.Scheduler(cfg, cfg.rollout), n_tasks, 1))
+                label = f"{processes or concurrency} runner processes"
+                print(
+                    f"  through scheduler, {label:17s} {exps / seconds:7.1f} exps/s  "
+                    f"({exps / seconds / direct_rate:.2f}x of direct; goal >= 0.95x)"
+                )
+        finally:
+            ray.shutdown()
     finally:
         for e in engines:
             e.stop()

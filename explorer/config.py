@@ -50,6 +50,9 @@ class SchedulerSpec(WireModel):
     max_repeat_times_per_runner: int | None = Field(
         default=None, ge=1, description="Split a task's repeats into chunks of at most this many per runner."
     )
+    runner_processes: int | None = Field(
+        default=None, ge=1, description="Ray actor processes the runners share (default: one per runner)."
+    )
 
 
 class TasksetSpec(WireModel):

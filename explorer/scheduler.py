@@ -57,42 +57,70 @@ class RunnerBackend(Protocol):
     async def close(self) -> None: ...
 
 
-class RayRunner:
-    """A ``WorkflowRunner`` Ray actor; cancels timed-out calls and replaces itself when the actor dies."""
+class ActorHost:
+    """One ``WorkflowRunner`` Ray actor process; several runner slots may share it (its calls are async)."""
 
-    def __init__(self, runner_id: int, cfg: explorer_config.ExplorerConfig, model: ModelRef, aux: Sequence[ModelRef]):
+    def __init__(self, host_id: int, cfg: explorer_config.ExplorerConfig, model: ModelRef, aux: Sequence[ModelRef]):
         import ray
 
         self._ray = ray
-        self._args = (cfg, model, list(aux), runner_id)
+        self.host_id = host_id
+        self._args = (cfg, model, list(aux), host_id)
         self._cls = ray.remote(num_cpus=0, max_restarts=0)(WorkflowRunner)
         self.actor = self._cls.remote(*self._args)
+        self.generation = 0
+        self._lock = asyncio.Lock()
 
     async def ready(self) -> None:
         await self.actor.ping.remote()
 
+    async def restart(self, seen_generation: int) -> None:
+        """Replace the actor once, however many of its slots saw it die."""
+        async with self._lock:
+            if self.generation != seen_generation:
+                return
+            self._ray.kill(self.actor, no_restart=True)
+            self.actor = self._cls.remote(*self._args)
+            await self.ready()
+            self.generation += 1
+
+    async def close(self) -> None:
+        self._ray.kill(self.actor, no_restart=True)
+
+
+class RayRunner:
+    """A runner slot on an ``ActorHost``: cancels timed-out calls, replaces the actor when it dies."""
+
+    def __init__(self, host: ActorHost):
+        self.host = host
+
+    async def ready(self) -> None:
+        await self.host.ready()
+
     async def run(self, task: TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
-        ref = self.actor.run_task.remote(task.task, task.repeat_times, task.run_id_base)
+        ray = self.host._ray
+        generation = self.host.generation
+        ref = self.host.actor.run_task.remote(task.task, task.repeat_times, task.run_id_base)
         try:
             result: tuple[Status, list[Experience]] = await asyncio.wait_for(ref, timeout)
             return result
         except TimeoutError:
-            self._ray.cancel(ref)  # raises CancelledError in the actor: the engine request is aborted
+            ray.cancel(ref)  # raises CancelledError in the actor: the engine request is aborted
             return Status(False, {}, f"attempt timed out after {timeout:g}s"), []
         except asyncio.CancelledError:
-            self._ray.cancel(ref)
+            ray.cancel(ref)
             raise
-        except self._ray.exceptions.RayActorError as err:
-            await self.restart()
-            return Status(False, {}, f"runner {self._args[3]} died and was replaced: {type(err).__name__}"), []
+        except ray.exceptions.RayActorError as err:
+            await self.host.restart(generation)
+            return Status(
+                False, {}, f"runner process {self.host.host_id} died and was replaced: {type(err).__name__}"
+            ), []
 
     async def restart(self) -> None:
-        self._ray.kill(self.actor, no_restart=True)
-        self.actor = self._cls.remote(*self._args)
-        await self.ready()
+        await self.host.restart(self.host.generation)
 
     async def close(self) -> None:
-        self._ray.kill(self.actor, no_restart=True)
+        return None  # the host is closed once by the scheduler
 
 
 class RunnerWrapper:
@@ -108,7 +136,7 @@ class RunnerWrapper:
     ):
         self.runner_id = runner_id
         self.config = config
-        self.backend = backend or RayRunner(runner_id, config, rollout_model, auxiliary_models or [])
+        self.backend = backend or RayRunner(ActorHost(runner_id, config, rollout_model, auxiliary_models or []))
 
     async def run_once(self, task: TaskWrapper) -> tuple[Status, list[Experience]]:
         return await self.backend.run(task, self.config.scheduler.task_timeout_seconds)
@@ -171,10 +199,15 @@ class Scheduler:
         self.config = config
         engines = max(1, len(config.rollout.engines))
         count = runner_count or engines * config.scheduler.runners_per_engine
+        processes = min(count, config.scheduler.runner_processes or count)
+        self.hosts: list[ActorHost] = []
+        if backend_factory is None:
+            self.hosts = [ActorHost(i, config, rollout_model, auxiliary_models or []) for i in range(processes)]
         self.runners = [
-            RunnerWrapper(i, rollout_model, auxiliary_models, config, backend_factory(i) if backend_factory else None)
+            RunnerWrapper(i, rollout_model, auxiliary_models, config,
+                          backend_factory(i) if backend_factory else RayRunner(self.hosts[i % processes]))
             for i in range(count)
-        ]
+        ]  # fmt: skip
         self._idle: asyncio.Queue[RunnerWrapper] = asyncio.Queue()
         self._pending: list[tuple[tuple[float, int, str], int, int, TaskWrapper, _Batch]] = []
         self._seq = itertools.count()
@@ -184,8 +217,7 @@ class Scheduler:
         self.metrics: dict[BatchId, dict[str, float]] = {}
 
     async def start(self) -> None:
-        ready = [r.backend.ready() for r in self.runners if isinstance(r.backend, RayRunner)]
-        await asyncio.gather(*ready)
+        await asyncio.gather(*(host.ready() for host in self.hosts))
         for runner in self.runners:
             self._idle.put_nowait(runner)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler-dispatch")
@@ -197,6 +229,7 @@ class Scheduler:
         for batch in self._batches.values():
             self._cancel(batch)
         await asyncio.gather(*(r.backend.close() for r in self.runners), return_exceptions=True)
+        await asyncio.gather(*(host.close() for host in self.hosts), return_exceptions=True)
 
     # ---- scheduling ------------------------------------------------------------------------------------
     def _split(self, task: Task, batch_id: BatchId, index: int) -> list[TaskWrapper]:

@@ -136,14 +136,15 @@ def test_timed_out_attempts_are_cancelled_retried_then_reported(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("processes", [None, 1], ids=["process-per-runner", "shared-process"])
 def test_a_runner_killed_mid_task_is_replaced_and_the_task_retried(
-    cpu_engines: list[local_engine.LocalEngine], tmp_path: Path
+    cpu_engines: list[local_engine.LocalEngine], tmp_path: Path, processes: int | None
 ) -> None:
     cfg = explorer_config(
         cpu_engines,
         workflow={"name": "custom", "importPath": "tests.runtime.workflows_for_tests:DieOnceWorkflow"},
         explore={"repeatTimes": 2},
-        scheduler={"runnersPerEngine": 1},
+        scheduler={"runnersPerEngine": 1, "runnerProcesses": processes, "maxRetryTimes": 3},
     )
 
     async def scenario() -> None:
@@ -167,7 +168,7 @@ def test_a_runner_killed_mid_task_is_replaced_and_the_task_retried(
             )
             keys = sorted((e.task_id, e.run_id) for e in experiences)
             assert keys == [(0, 0), (0, 1), (1, 0), (1, 1)]  # nothing lost, nothing duplicated
-            assert sched.metrics[1]["retries"] == 2
+            assert sched.metrics[1]["retries"] >= 2  # each task died once (a shared process takes both down)
         finally:
             await sched.stop()
 
