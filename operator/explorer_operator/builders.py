@@ -280,15 +280,19 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
     # The configuration is mounted, not baked in: scaling engines updates the file in place and the runtime
     # re-reads membership, so the coordinator (and its progress) survives a scale.
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
-    pod_spec = {
-        "restartPolicy": "Never",
+    pod_spec = {**_cpu_pod_spec(spec, container), "volumes": [{"name": "config", "configMap": {"name": config_name}}]}
+    return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
+
+
+def _cpu_pod_spec(spec: models.ExplorerJobSpec, container: dict[str, Any]) -> dict[str, Any]:
+    """Pod settings shared by the coordinator and its CPU workers (placed where the coordinator spec says)."""
+    return {
+        "restartPolicy": "Never",  # the operator replaces failed pods within the job's restart budget
         "enableServiceLinks": False,
         "containers": [container],
         "nodeSelector": spec.coordinator.node_selector,
         "tolerations": spec.coordinator.tolerations,
-        "volumes": [{"name": "config", "configMap": {"name": config_name}}],
     }
-    return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
 def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> dict[str, Any]:
@@ -299,13 +303,7 @@ def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> d
         "command": ["ray", "start", "--block", f"--address={job.name}-coordinator.{job.namespace}.svc:{RAY_PORT}"],
         "resources": spec.coordinator.resources,
     }
-    pod_spec = {
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "containers": [container],
-        "nodeSelector": spec.coordinator.node_selector,
-        "tolerations": spec.coordinator.tolerations,
-    }
+    pod_spec = _cpu_pod_spec(spec, container)
     metadata = _metadata(job, f"{job.name}-worker-{index}", "worker", **{INDEX_LABEL: str(index)})
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
