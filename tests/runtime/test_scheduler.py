@@ -191,6 +191,30 @@ def test_requests_fail_over_to_the_other_engine_when_one_is_down(cpu_engines: li
     asyncio.run(scenario())
 
 
+def test_chat_workflow_rewards_replies_to_multi_turn_conversations(cpu_engines: list[local_engine.LocalEngine]) -> None:
+    cfg = explorer_config(cpu_engines, workflow={"name": "chat", "maxTokens": 6}, explore={"repeatTimes": 2})
+    conversation = (
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 plus 3?"},
+    )
+
+    async def scenario() -> None:
+        sched = await running_scheduler(cfg)
+        try:
+            sched.schedule([Task(task_id=0, prompt="", reference="6", messages=conversation)], batch_id=1)
+            statuses, experiences = await sched.get_results(1)
+            assert statuses[0].ok and len(experiences) == 2
+            for exp in experiences:
+                assert exp.prompt_length > 10  # the whole conversation, templated, is the prompt
+                assert len(exp.logprobs) == exp.response_length > 0
+                assert exp.reward in (0.0, 1.0)
+        finally:
+            await sched.stop()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.destructive
 def test_an_engine_killed_mid_batch_costs_retries_not_tasks(cpu_engines: list[local_engine.LocalEngine]) -> None:
     """Runs last (it kills one of the session's engines): in-flight requests move to the surviving engine."""
