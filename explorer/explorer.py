@@ -1,7 +1,8 @@
 """The Explorer: the seed's explore → eval → sync timeline over the scheduler, with resumable state.
 
 Each step takes ``batch_size`` tasks from the taskset (cycling through it), collects their experiences, commits them
-to the sink and then records ``(step, cursor)``; a restarted coordinator resumes after the last committed step, so no
+to the sink and then records ``(step, cursor)``; the next step is already queued while one is collected, except
+across a sync boundary; a restarted coordinator resumes after the last committed step, so no
 step is lost or written twice. Evaluation runs every ``eval_interval`` steps as batch ``"{step}/{taskset}"``. Sync
 boundaries follow ``sync.interval``/``sync.offset``; the transfer itself is the weight-sync issue's, plugged in via
 ``sync_hook``.
@@ -87,14 +88,22 @@ class Explorer:
         self.report = self.report.model_copy(update={"phase": "Running", "step": state.step})
         written = 0
         try:
-            for step in range(state.step + 1, self.config.explore.total_steps + 1):
-                sched.schedule(self._batch(tasks, state.cursor), batch_id=step)
+            total, size = self.config.explore.total_steps, self.config.explore.batch_size
+            submitted = state.step
+            for step in range(state.step + 1, total + 1):
+                # Keep the engines busy: the next step is queued behind this one unless a sync lies between them
+                # (then its tokens would come from the old policy). An uncommitted step is simply re-run on restart.
+                syncing = self.sync_hook is not None and self.need_sync(step)
+                horizon = step if syncing else min(step + 1, total)
+                while submitted < horizon:
+                    submitted += 1
+                    sched.schedule(self._batch(tasks, state.cursor + (submitted - step) * size), batch_id=submitted)
                 statuses, experiences = await sched.get_results(step)
                 for exp in experiences:
                     exp.policy_version = self.policy_version
                 self.sink.commit(step, experiences, self.policy_version)
                 written += len(experiences)
-                state = ExplorerState(step, state.cursor + self.config.explore.batch_size)
+                state = ExplorerState(step, state.cursor + size)
                 _save_state(self.sink.directory, state)
                 metrics = {**sched.metrics.get(step, {}), "failed_tasks": sum(1 for s in statuses if not s.ok)}
                 if experiences:
