@@ -139,7 +139,8 @@ def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
     model = tiny_model.make_tiny_model(tiny_model.default_model_dir())
     logs = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     engines = [local_engine.LocalEngine(
-        engine_args.EngineArgs(model=str(model), served_model_name="tiny", port=20000 + i, dtype="float32",
+        engine_args.EngineArgs(model=str(model), served_model_name="tiny", dtype="float32",
+                                   port=local_engine.free_port(),
                                max_model_len=256, max_num_seqs=32, seed=0, kv_cache_memory_bytes=64 << 20,
                                enforce_eager=True),
         logs / f"e{i}.log", env=local_engine.cpu_binding(i)) for i in range(2)]  # fmt: skip

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -52,20 +51,14 @@ def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int) -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def demo(args: argparse.Namespace) -> int:
     """Two local CPU engines on the tiny model, the built-in arithmetic taskset, experiences with rewards."""
     model = tiny_model.make_tiny_model(tiny_model.default_model_dir())
     work = Path(args.output or tempfile.mkdtemp(prefix="explorer-demo-"))
     engines = [
         local_engine.LocalEngine(
-            engine_args.EngineArgs(model=str(model), served_model_name="tiny", port=free_port(), dtype="float32",
+            engine_args.EngineArgs(model=str(model), served_model_name="tiny", dtype="float32",
+                                   port=local_engine.free_port(),
                                    max_model_len=256, max_num_seqs=16, seed=0, kv_cache_memory_bytes=64 << 20,
                                    enforce_eager=True),
             work / f"engine-{i}.log",
@@ -91,7 +84,7 @@ def demo(args: argparse.Namespace) -> int:
             "scheduler": {"runnersPerEngine": 2, "taskTimeoutSeconds": 120},
             "experiences": {"path": str(work / "experiences"), "format": "jsonl"},
         })  # fmt: skip
-        code = _run(cfg, "127.0.0.1", free_port())
+        code = _run(cfg, "127.0.0.1", local_engine.free_port())
         print(f"experiences: {work / 'experiences'} (manifest.json lists the committed steps)")
         return code
     finally:

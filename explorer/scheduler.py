@@ -94,9 +94,6 @@ class RayRunner:
     def __init__(self, host: ActorHost):
         self.host = host
 
-    async def ready(self) -> None:
-        await self.host.ready()
-
     async def run(self, task: TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
         ray = self.host._ray
         generation = self.host.generation

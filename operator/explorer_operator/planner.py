@@ -14,7 +14,6 @@ from explorer_operator import builders, conditions, models
 from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
 
 TERMINAL = ("Succeeded", "Failed")
-POLL_SECONDS = 5.0
 
 
 def _hash(obj: dict[str, Any] | None) -> str | None:
