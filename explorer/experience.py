@@ -8,7 +8,11 @@ from typing import Any
 
 @dataclasses.dataclass
 class Experience:
-    """Token ids are prompt then response; ``logprobs`` cover the response tokens only."""
+    """Token ids are prompt then response; ``logprobs`` cover the response tokens only.
+
+    ``policy_version`` is the version its step started on; ``policy_versions`` every version the engines served
+    while the step ran (more than one only when a sync landed mid-step, i.e. styles ``async``/``trainer_driven``).
+    """
 
     tokens: list[int]
     prompt_length: int
@@ -18,6 +22,7 @@ class Experience:
     task_id: int = 0
     run_id: int = 0
     policy_version: int | None = None
+    policy_versions: list[int] = dataclasses.field(default_factory=list)
     response_text: str = ""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -4,8 +4,10 @@ Each step takes ``batch_size`` tasks from the taskset (cycling through it), coll
 to the sink and then records ``(step, cursor)``; the next step is already queued while one is collected, except
 across a sync boundary; a restarted coordinator resumes after the last committed step, so no
 step is lost or written twice. Evaluation runs every ``eval_interval`` steps as batch ``"{step}/{taskset}"``. Sync
-boundaries follow ``sync.interval``/``sync.offset``; the transfer itself is the weight-sync issue's, plugged in via
-``sync_hook``.
+boundaries follow ``sync.interval``/``sync.offset``. With a ``SyncCoordinator`` (the coordinator's weight-sync side)
+the style decides how far exploring may run ahead of the trainer: ``fixed`` waits at every boundary for the
+trainer's next push, ``async`` lets it run ``maxPolicyLag`` boundaries ahead, ``trainer_driven`` never waits. Each
+experience records the policy version its step started on and every version applied while it ran.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 from explorer import config as explorer_config
 from explorer import scheduler as scheduler_mod
 from explorer import sink, status_api, taskset
+from explorer.experience import Experience
+from explorer.weight_sync import protocol
+from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.workflows import Task
 
 log = logging.getLogger(__name__)
@@ -55,9 +60,18 @@ def load_state(directory: Path) -> ExplorerState:
 class Explorer:
     """Explores the taskset; ``report`` is what the status API serves."""
 
-    def __init__(self, config: explorer_config.ExplorerConfig, sync_hook: SyncHook | None = None):
+    def __init__(
+        self,
+        config: explorer_config.ExplorerConfig,
+        sync_hook: SyncHook | None = None,
+        sync: SyncCoordinator | None = None,
+    ):
         self.config = config
         self.sync_hook = sync_hook
+        self.sync = sync
+        self._applied_versions: list[int] = []
+        if sync is not None:
+            sync.on_version = self._applied_versions.append
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
         self.sink = sink.ExperienceSink(Path(config.experiences.path), config.experiences.format)
         self.policy_version: int | None = None
@@ -69,6 +83,28 @@ class Explorer:
         sync = self.config.sync
         return step > sync.offset and (step - sync.offset) % sync.interval == 0
 
+    def allowed_lag(self) -> int | None:
+        """Sync boundaries exploring may run ahead of the trainer's pushes (None: never wait)."""
+        if self.sync is None:
+            return None
+        style = self.config.sync.style
+        if style == "fixed":
+            return 0
+        if style == "async":
+            return self.config.sync.max_policy_lag or 0
+        return None
+
+    def current_report(self) -> status_api.CoordinatorReport:
+        """The explorer's report with the sync group's figures merged in."""
+        if self.sync is None:
+            return self.report
+        sync = self.sync
+        return self.report.model_copy(update={
+            "policy_version": sync.version, "engines_in_sync": sync.engines_in_sync,
+            "last_sync_time": sync.last_sync_time, "last_sync_duration_seconds": sync.last_sync_duration,
+            "last_sync_bytes": sync.last_sync_bytes,
+        })  # fmt: skip
+
     def _batch(self, tasks: list[Task], cursor: int) -> list[Task]:
         size = self.config.explore.batch_size
         return [dataclasses.replace(tasks[(cursor + i) % len(tasks)], task_id=i) for i in range(size)]
@@ -77,31 +113,32 @@ class Explorer:
         """Run to ``total_steps`` (or resume there); returns a one-line summary."""
         tasks, self.row_errors = taskset.load_taskset(self.config.taskset)
         evals = [(t.name, taskset.load_taskset(t, is_eval=True)[0]) for t in self.config.explore.eval_tasksets]
-        state = load_state(self.sink.directory)
-        committed = self.sink.committed_steps()
-        if committed and max(committed) > state.step:
-            # Committed but the state write did not land: the step is done; advance past it.
-            behind = max(committed) - state.step
-            state = ExplorerState(max(committed), state.cursor + behind * self.config.explore.batch_size)
+        state = self._resume_state()
         sched = scheduler_mod.Scheduler(self.config, self.config.rollout, self.config.auxiliary)
         await sched.start()
         self.report = self.report.model_copy(update={"phase": "Running", "step": state.step})
         written = 0
+        if self.sync is not None:
+            self.policy_version = self.sync.version
+        lag = self.allowed_lag()
+        boundaries = self.sync.syncs if self.sync is not None else 0  # pushes before this run count as earlier ones
+        marks: dict[int, tuple[int | None, int]] = {}  # step -> (version when scheduled, applied-log position)
         try:
             total, size = self.config.explore.total_steps, self.config.explore.batch_size
             submitted = state.step
             for step in range(state.step + 1, total + 1):
-                # Keep the engines busy: the next step is queued behind this one unless a sync lies between them
-                # (then its tokens would come from the old policy). An uncommitted step is simply re-run on restart.
-                syncing = self.sync_hook is not None and self.need_sync(step)
-                horizon = step if syncing else min(step + 1, total)
+                # Keep the engines busy: the next step is queued behind this one unless the explorer must wait for
+                # a sync between them (then its tokens would come from the old policy). An uncommitted step is
+                # simply re-run on restart.
+                waits = (self.sync_hook is not None or lag == 0) and self.need_sync(step)
+                horizon = step if waits else min(step + 1, total)
                 while submitted < horizon:
                     submitted += 1
+                    marks[submitted] = (self._served_version(), len(self._applied_versions))
                     sched.schedule(self._batch(tasks, state.cursor + (submitted - step) * size), batch_id=submitted)
                 statuses, experiences = await sched.get_results(step)
-                for exp in experiences:
-                    exp.policy_version = self.policy_version
-                self.sink.commit(step, experiences, self.policy_version)
+                start_version = self._stamp_versions(experiences, *marks.pop(step))
+                self.sink.commit(step, experiences, start_version)
                 written += len(experiences)
                 state = ExplorerState(step, state.cursor + size)
                 _save_state(self.sink.directory, state)
@@ -109,8 +146,9 @@ class Explorer:
                 if experiences:
                     metrics["reward_mean"] = sum(e.reward for e in experiences) / len(experiences)
                 await self._evaluate(sched, step, evals)
-                if self.need_sync(step) and self.sync_hook is not None:
-                    self.policy_version = await self.sync_hook(step)
+                if self.need_sync(step):
+                    boundaries += 1
+                    await self._at_boundary(step, boundaries, lag)
                 self.report = self.report.model_copy(update={"step": step, "policy_version": self.policy_version,
                                                              "message": json.dumps(metrics)[:500]})  # fmt: skip
                 if self.on_step:
@@ -123,6 +161,24 @@ class Explorer:
         self.report = self.report.model_copy(update={"phase": "Succeeded"})
         return f"explored {self.config.explore.total_steps} steps; {written} experiences written this run"
 
+    def _resume_state(self) -> ExplorerState:
+        state = load_state(self.sink.directory)
+        committed = self.sink.committed_steps()
+        if committed and max(committed) > state.step:
+            # Committed but the state write did not land: the step is done; advance past it.
+            behind = max(committed) - state.step
+            state = ExplorerState(max(committed), state.cursor + behind * self.config.explore.batch_size)
+        return state
+
+    def _stamp_versions(self, experiences: list[Experience], start_version: int | None, mark: int) -> int | None:
+        """Record on each experience the version its step started on and every version applied while it ran."""
+        during = [start_version] if start_version is not None else []
+        during += [v for v in self._applied_versions[mark:] if v not in during]
+        for exp in experiences:
+            exp.policy_version = start_version
+            exp.policy_versions = list(during)
+        return start_version
+
     async def _evaluate(self, sched: scheduler_mod.Scheduler, step: int, evals: list[tuple[str, list[Task]]]) -> None:
         interval = self.config.explore.eval_interval
         if not interval or step % interval:
@@ -134,30 +190,70 @@ class Explorer:
             rewards = [e.reward for e in experiences]
             self.eval_metrics[batch_id] = {"reward_mean": sum(rewards) / len(rewards) if rewards else 0.0}
 
+    async def _at_boundary(self, step: int, boundaries: int, lag: int | None) -> None:
+        """A sync boundary: hand over to the hook, or wait until the trainer is at most ``lag`` pushes behind."""
+        if self.sync_hook is not None:
+            self.policy_version = await self.sync_hook(step)
+        elif self.sync is not None and lag is not None and self.sync.syncs < boundaries - lag:
+            self.report = self.report.model_copy(
+                update={"message": f"step {step} done; waiting for the trainer's push #{boundaries - lag}"}
+            )
+            await self.sync.wait_for_syncs(boundaries - lag)
+
+    def _served_version(self) -> int | None:
+        return self.sync.version if self.sync is not None else self.policy_version
+
+    def _need_sync_coordinator(self) -> SyncCoordinator:
+        if self.sync is None:
+            raise RuntimeError("this explorer has no weight-sync coordinator (run it as `python -m explorer run`)")
+        return self.sync
+
     async def setup_weight_sync_group(
-        self, master_address: str, master_port: int, state_dict_meta: list[Any] | None = None
-    ) -> None:
-        raise NotImplementedError("weight sync is delivered by the weight-sync issue (see docs/runtime.md)")
+        self,
+        master_address: str | None = None,
+        master_port: int | None = None,
+        state_dict_meta: list[Any] | None = None,
+    ) -> protocol.GroupInfo:
+        """Have every engine join a new sync group for ``state_dict_meta`` ((name, dtype, shape) or TensorMeta).
+
+        Deliberate difference from the seed: the coordinator hosts the group's store on a fresh port per group
+        (stale keys deadlock a re-formed group), so ``master_port`` is chosen here and returned; ``master_address``,
+        if given, must be the advertised address string itself (gloo keys are prefixed with the string).
+        """
+        sync = self._need_sync_coordinator()
+        if master_address is not None and master_address != sync.advertised_host:
+            raise ValueError(f"master_address must be exactly {sync.advertised_host!r} on every side")
+        metas = [
+            m if isinstance(m, protocol.TensorMeta)
+            else protocol.TensorMeta(name=m[0], dtype=str(m[1]).removeprefix("torch."), shape=list(m[2]))
+            for m in state_dict_meta or []
+        ]  # fmt: skip
+        return await sync.open_group(protocol.GroupRequest(tensors=metas))
 
     async def get_weight(self, name: str) -> Any:
-        raise NotImplementedError("weight sync is delivered by the weight-sync issue (see docs/runtime.md)")
+        """The tensor (HF name) that engine 0 serves now."""
+        return await self._need_sync_coordinator().get_weight(name)
 
 
 async def serve_and_explore(explorer: Explorer, host: str, port: int) -> str:
-    """Explore while the status API publishes progress; the API outlives a failure so it can be read."""
+    """Explore while the status API publishes progress (and the sync API takes pushes, if the explorer has one)."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
         while True:
-            server.report = explorer.report
+            server.report = explorer.current_report()
             await asyncio.sleep(0.2)
 
     await server.start()
+    if explorer.sync is not None:
+        await explorer.sync.start()
     publisher = asyncio.create_task(publish())
     try:
         return await explorer.explore()
     finally:
-        server.report = explorer.report
+        server.report = explorer.current_report()
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
+        if explorer.sync is not None:
+            await explorer.sync.stop()
         await server.stop()

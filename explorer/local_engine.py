@@ -49,7 +49,7 @@ class LocalEngine:
     def __init__(self, args: engine_args.EngineArgs, log_path: Path, env: dict[str, str] | None = None):
         self.args = args
         self.log_path = log_path
-        self._env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+        self._env = {**os.environ, **OFFLINE_ENV, **engine_args.engine_env(args), **(env or {})}
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

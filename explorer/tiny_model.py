@@ -28,6 +28,22 @@ FORMAT_VERSION = "1"
 
 def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     """Write a tiny Llama (2 layers, hidden 64, head_dim 32) and its tokenizer to ``directory``."""
+    return make_llama(directory, seed=seed, vocab_size=vocab_size)
+
+
+def make_llama(
+    directory: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    head_dim: int = 32,
+) -> Path:
+    """Write a Llama of the given shape (random weights, fp32) and the in-process tokenizer to ``directory``."""
     if (directory / "config.json").is_file():
         return directory
     import torch
@@ -52,12 +68,12 @@ def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 512) -> Pa
 
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
             max_position_embeddings=512,
             tie_word_embeddings=False,
             bos_token_id=tokenizer.bos_token_id,

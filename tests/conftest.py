@@ -80,13 +80,16 @@ def tiny_model_dir() -> Path:
 def cpu_engines(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[local_engine.LocalEngine]]:
-    """The session's pair of real CPU vLLM engines on the tiny model (started together, stopped at the end)."""
+    """The session's pair of real CPU vLLM engines on the tiny model (started together, stopped at the end).
+
+    They accept gloo weight pushes; the weight-sync tests put the original weights back when they finish.
+    """
     logs = tmp_path_factory.mktemp("engines")
     engines = [
         local_engine.LocalEngine(
             engine_args.EngineArgs(model=str(tiny_model_dir), served_model_name="tiny", port=free_port(),
                                    dtype="float32", max_model_len=256, max_num_seqs=16, seed=0,
-                                   kv_cache_memory_bytes=64 << 20, enforce_eager=True),
+                                   kv_cache_memory_bytes=64 << 20, enforce_eager=True, weight_sync="gloo"),
             logs / f"engine-{i}.log",
             env=local_engine.cpu_binding(i),
         )

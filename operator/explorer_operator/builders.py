@@ -212,6 +212,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         dtype=group.model.dtype,
         max_model_len=group.model.max_model_len,
         tensor_parallel_size=tp,
+        weight_sync=spec.sync.method if group.name == ROLLOUT_GROUP else None,
         extra_args=tuple(group.model.extra_args),
     )
     rank_offset = 1 + index * tp if group.name == ROLLOUT_GROUP else 0
@@ -221,7 +222,8 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         {"name": "EXPLORER_ENGINE_INDEX", "value": str(index)},
         {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
         {"name": "EXPLORER_SYNC_RANK_OFFSET", "value": str(rank_offset)},
-        {"name": "VLLM_SERVER_DEV_MODE", "value": "1"},  # weight-transfer routes; see docs on network policy
+        # The weight-transfer routes exist only in vLLM's dev mode; the NetworkPolicy keeps all but the coordinator out.
+        *({"name": k, "value": v} for k, v in engine_args.engine_env(args).items()),
         *group.pods.env,
     ]
     container: dict[str, Any] = {

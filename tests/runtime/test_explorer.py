@@ -33,6 +33,7 @@ def write_config(tmp_path: Path, engines: list[local_engine.LocalEngine], steps:
         "workflow": {"name": "math", "maxTokens": 8},
         "explore": {"batchSize": 3, "repeatTimes": 2, "totalSteps": steps},
         "scheduler": {"runnersPerEngine": 1, "taskTimeoutSeconds": 60},
+        "sync": {"method": "gloo", "style": "trainer_driven", "port": free_port()},
         "experiences": {"path": str(tmp_path / "out"), "format": "jsonl"},
     }  # fmt: skip
     path = tmp_path / "explorer.yaml"

@@ -1,0 +1,305 @@
+"""Runs inside every vLLM worker process: staged weight-transfer backends and the ``ext_*`` worker methods.
+
+vLLM imports this module in its workers because the engine is started with ``--worker-extension-cls
+explorer.weight_sync.engine_ext.WorkerExtension``; importing it registers two weight-transfer backends:
+
+- ``gloo`` (CPU): the trainer broadcasts packed chunks over a gloo group;
+- ``explorer_nccl`` (GPU): vLLM's packed NCCL consumer, with a watchdog that aborts a stuck communicator.
+
+Both are *staged*: every chunk is received into a side buffer and the model is touched only in
+``finish_weight_update``, after the whole state dict has arrived. A trainer that dies mid-push therefore leaves the
+engine serving the previous version exactly (vLLM's stock lifecycle reloads layer by layer as chunks arrive and
+leaves a half-loaded model behind, see docs/weight-sync.md). Checkpoint reloads go through the same staged apply.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+from explorer.weight_sync import protocol
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+def checkpoint_index(directory: str) -> dict[str, tuple[str, list[int]]]:
+    """name → (dtype, shape) of every tensor in a directory's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    index: dict[str, tuple[str, list[int]]] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = handle.get_slice(name)
+                index[name] = (SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()), list(piece.get_shape()))
+    return index
+
+
+def read_checkpoint(directory: str) -> list[tuple[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    weights: list[tuple[str, torch.Tensor]] = []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        weights.extend(load_file(str(path)).items())
+    return weights
+
+
+def apply_weights(model: torch.nn.Module, model_config: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load a complete state dict through vLLM's layerwise reload (CPU prepacked kernels need it, see notes)."""
+    from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    initialize_layerwise_reload(model)
+    with disable_mtp_completeness_check():
+        model.load_weights(weights)  # type: ignore[operator]
+    finalize_layerwise_reload(model, model_config)
+
+
+@dataclasses.dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    incarnation: str = ""
+    timeout_seconds: float = 60.0
+    bucket_bytes: int = protocol.DEFAULT_BUCKET_BYTES
+
+
+@dataclasses.dataclass
+class StagedUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+    def metas(self) -> list[protocol.TensorMeta]:
+        return [protocol.TensorMeta(name=n, dtype=d, shape=s) for n, d, s in zip(self.names, self.dtype_names,
+                                                                                 self.shapes, strict=True)]  # fmt: skip
+
+
+class Staging:
+    """The side buffer of a push in progress, and what the engine last applied (for ``ext_get_weight``)."""
+
+    def __init__(self) -> None:
+        self.incarnation = ""
+        self.staged: list[tuple[str, torch.Tensor]] = []
+        self.served: dict[str, torch.Tensor] = {}
+        self.keep_served = True
+        self.applied = False
+
+    def start(self) -> None:
+        self.staged = []
+
+    def finish(self, model: torch.nn.Module, model_config: Any) -> None:
+        staged, self.staged = self.staged, []
+        if not staged:
+            raise RuntimeError("finish_weight_update without any received tensors")
+        apply_weights(model, model_config, staged)
+        self.applied = True
+        if self.keep_served:
+            self.served = {name: tensor.to("cpu") for name, tensor in staged}
+
+
+class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
+    """CPU backend: chunks arrive by gloo broadcast from rank 0 (the trainer) into host buffers."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = StagedUpdateInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.staging = Staging()
+        self.pg: Any = None
+        self.bucket_bytes = protocol.DEFAULT_BUCKET_BYTES
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        self.shutdown()
+        pc = self.parallel_config
+        rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+        self.pg = stateless_init_torch_distributed_process_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
+            timeout=timedelta(seconds=init_info.timeout_seconds),
+        )  # fmt: skip
+        self.bucket_bytes = init_info.bucket_bytes
+        self.staging.incarnation = init_info.incarnation
+
+    def start_weight_update(self) -> None:
+        self.staging.start()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class synchronizes an accelerator, which a CPU engine does not have.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: StagedUpdateInfo) -> None:
+        if self.pg is None:
+            raise RuntimeError("gloo weight transfer is not initialized (no sync group joined)")
+        metas = update_info.metas()
+        for indexes in protocol.chunks(metas, self.bucket_bytes):
+            part = [metas[i] for i in indexes]
+            buffer = torch.empty(sum(m.nbytes for m in part), dtype=torch.uint8)
+            self.pg.broadcast(buffer, 0).wait()
+            self.staging.staged.extend(protocol.unpack(buffer, part))
+
+    def finish_weight_update(self) -> None:
+        self.staging.finish(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        if self.pg is not None:
+            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+            pg, self.pg = self.pg, None
+            stateless_destroy_torch_distributed_process_group(pg)
+        self.staging.incarnation = ""
+
+
+@dataclasses.dataclass(kw_only=True)
+class NcclInitInfo(NCCLWeightTransferInitInfo):
+    incarnation: str = ""
+    timeout_seconds: float = 60.0
+
+
+class NcclStagedEngine(NCCLWeightTransferEngine):
+    """GPU backend: vLLM's packed NCCL consumer; received tensors are cloned aside and applied at finish.
+
+    NCCL has no timeout of its own: a watchdog aborts the communicator when a receive outlives the group timeout,
+    which turns a dead trainer into an error instead of a hung engine.
+    """
+
+    init_info_cls = NcclInitInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.staging = Staging()
+        self.staging.keep_served = False  # a second copy of a GPU model is too dear; get_weight reads checkpoints
+        self.timeout_seconds = 60.0
+
+    def init_transfer_engine(self, init_info: NCCLWeightTransferInitInfo) -> None:
+        self.shutdown()
+        super().init_transfer_engine(init_info)
+        assert isinstance(init_info, NcclInitInfo)
+        self.staging.incarnation = init_info.incarnation
+        self.timeout_seconds = init_info.timeout_seconds
+
+    def start_weight_update(self) -> None:
+        self.staging.start()
+
+    def receive_weights(self, update_info: Any) -> None:
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_consumer
+
+        group: Any = getattr(self, "model_update_group", None)
+        if group is None:
+            raise RuntimeError("NCCL weight transfer is not initialized (no sync group joined)")
+        watchdog = threading.Timer(self.timeout_seconds, group.destroy)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            specs = ((n, (s, getattr(torch, d))) for n, d, s in zip(update_info.names, update_info.dtype_names,
+                                                                       update_info.shapes, strict=True))  # fmt: skip
+            packed_nccl_broadcast_consumer(
+                iterator=specs, group=group, src=0,
+                post_unpack_func=lambda pairs: self.staging.staged.extend((n, t.clone()) for n, t in pairs),
+                buffer_size_bytes=self.packed_buffer_size_bytes, num_buffers=self.packed_num_buffers,
+                device=self.device,
+            )  # fmt: skip
+            torch.accelerator.synchronize()
+        finally:
+            watchdog.cancel()
+        if not group.available:
+            self.model_update_group = None
+            raise RuntimeError(f"NCCL receive exceeded {self.timeout_seconds}s; communicator aborted")
+
+    def finish_weight_update(self) -> None:
+        self.staging.finish(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.model_update_group = None
+        self.staging.incarnation = ""
+
+
+for _name, _cls in (("gloo", GlooStagedEngine), ("explorer_nccl", NcclStagedEngine)):
+    if _name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(_name, _cls)
+
+
+class WorkerExtension:
+    """Methods mixed into vLLM's Worker, called through the dev-mode ``/collective_rpc`` route with string args."""
+
+    # Attributes of vLLM's Worker this extension relies on (declared for the type checker).
+    weight_transfer_engine: Any
+    model_runner: Any
+    model_config: Any
+    vllm_config: Any
+    _weight_update_active: bool
+
+    def _ext_staging(self) -> Staging | None:
+        return getattr(self.weight_transfer_engine, "staging", None)
+
+    def _ext_model(self) -> torch.nn.Module:
+        model: torch.nn.Module = self.model_runner.get_model()
+        return model
+
+    def ext_sync_state(self) -> dict[str, Any]:
+        staging = self._ext_staging()
+        return {"incarnation": staging.incarnation if staging else "", "active": bool(self._weight_update_active)}
+
+    def ext_validate(self, metas_json: str) -> list[str]:
+        metas = [protocol.TensorMeta.model_validate(m) for m in json.loads(metas_json)]
+        return protocol.check_metadata(metas, checkpoint_index(self.model_config.model))
+
+    def ext_abort_update(self) -> bool:
+        """Drop a push that will not be finished: staged tensors are discarded, the model is untouched."""
+        staging = self._ext_staging()
+        if staging is not None:
+            staging.start()
+        self._weight_update_active = False
+        if self.weight_transfer_engine is not None:
+            self.weight_transfer_engine.reset_weight_update_target()
+        return True
+
+    def ext_load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """The checkpoint method: validate, read the whole directory, then apply (same all-or-nothing rule)."""
+        index = checkpoint_index(directory)
+        metas = [protocol.TensorMeta(name=n, dtype=d, shape=s) for n, (d, s) in index.items()]
+        problems = protocol.check_metadata(metas, checkpoint_index(self.model_config.model))
+        if problems:
+            raise ValueError("; ".join(problems))
+        weights = read_checkpoint(directory)
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            apply_weights(self._ext_model(), self.model_config, weights)
+        staging = self._ext_staging()
+        if staging is not None:
+            staging.applied = True
+            staging.served = dict(weights) if staging.keep_served else {}
+        return {"bytes": sum(t.numel() * t.element_size() for _, t in weights)}
+
+    def ext_get_weight(self, name: str) -> dict[str, Any]:
+        """The HF-named tensor this worker serves: as last applied, or from the model's checkpoint before any sync."""
+        staging = self._ext_staging()
+        tensor = staging.served.get(name) if staging is not None else None
+        if tensor is None and staging is not None and staging.applied:
+            raise RuntimeError("this engine keeps no copy of pushed weights (NCCL); compare logprobs instead")
+        if tensor is None:
+            weights = dict(read_checkpoint(self.model_config.model))
+            if name not in weights:
+                raise KeyError(f"no weight named {name!r} in the served model")
+            tensor = weights[name]
+        data = tensor.detach().contiguous().cpu()
+        return {"dtype": protocol.dtype_name(data.dtype), "shape": list(data.shape),
+                "data": base64.b64encode(data.reshape(-1).view(torch.uint8).numpy().tobytes()).decode()}  # fmt: skip

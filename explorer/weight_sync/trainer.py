@@ -1,0 +1,231 @@
+"""The trainer's client library: join a job's sync group as rank 0 and push new policy versions.
+
+Usage (the whole integration for any trainer loop)::
+
+    client = TrainerClient(job_status["sync"]["address"])   # "<job>-sync.<ns>.svc:29500"
+    client.setup(model)                                      # publish names/dtypes/shapes, join the group
+    result = client.push(model)                              # a new policy version on every engine, all at once
+
+``push`` takes a module or a state dict with HF checkpoint names, casts floating tensors to the rollout dtype,
+packs them into buckets and broadcasts them in one pass (gloo on CPU, NCCL on GPU), or, for the checkpoint method,
+writes safetensors to the shared directory and has the engines reload it. When the coordinator says the group
+changed (an engine restarted or was added), ``push`` forms the group again once and retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from explorer.weight_sync import protocol
+
+StateLike = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+class SyncRefusedError(RuntimeError):
+    """The coordinator refused or failed a step; the message says why (and which tensor, for bad metadata)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class PushFigures:
+    """What one push cost, seen from the trainer."""
+
+    version: int
+    bytes: int
+    seconds: float
+    engines_in_sync: int
+    engines: int
+    apply_seconds: float
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+def _named_tensors(state: StateLike) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(state, torch.nn.Module):
+        yield from state.state_dict().items()
+    else:
+        yield from state.items()
+
+
+def _gloo_group(address: str, port: int, world_size: int, timeout: float) -> Any:
+    """Rank 0 of a gloo group whose store the coordinator hosts (we are a store client, never its host)."""
+    from torch._C._distributed_c10d import PrefixStore, ProcessGroup, TCPStore
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+    delta = timedelta(seconds=timeout)
+    store = TCPStore(address, port, None, False, delta, wait_for_workers=False)
+    # Engines prefix their keys with the address *string*: it must be the same string on every side.
+    prefixed = PrefixStore(f"tcp://{address}:{port}", store)
+    group = ProcessGroup(prefixed, 0, world_size)
+    backend = ProcessGroupGloo(prefixed, 0, world_size, timeout=delta)
+    backend._set_sequence_number_for_group()
+    group._set_default_backend(ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
+    return group
+
+
+class TrainerClient:
+    """Rank 0 of one job's weight-sync group."""
+
+    def __init__(self, address: str, *, timeout: float = 300.0):
+        base = address if address.startswith("http") else f"http://{address}"
+        self.http = httpx.Client(base_url=base, timeout=timeout)
+        self.info: protocol.GroupInfo | None = None
+        self._group: Any = None
+        self._comm: Any = None
+
+    # ---- HTTP ----------------------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self.http.post(path, json=body or {})
+        data: dict[str, Any] = response.json() if response.content else {}
+        if response.status_code != 200:
+            raise SyncRefusedError(response.status_code, data.get("error", response.text))
+        return data
+
+    def state(self) -> protocol.SyncState:
+        return protocol.SyncState.model_validate(self.http.get("/v1/sync").raise_for_status().json())
+
+    # ---- group ---------------------------------------------------------------------------------------------
+
+    def _prepared(self, state: StateLike) -> list[tuple[str, torch.Tensor]]:
+        """Tensors as they go on the wire: floating ones cast to the rollout dtype (half the bytes for bf16)."""
+        dtype = protocol.DTYPES.get(self.info.dtype) if self.info and self.info.dtype else None
+        out = []
+        for name, tensor in _named_tensors(state):
+            data = tensor.detach()
+            if dtype is not None and data.is_floating_point() and data.dtype != dtype:
+                data = data.to(dtype)
+            out.append((name, data))
+        return out
+
+    def setup(self, state: StateLike) -> protocol.GroupInfo:
+        """Publish the state dict's metadata and join the group (``Explorer.setup_weight_sync_group`` on the other
+        side); refused with a message naming the tensor when it does not match the served model."""
+        self._leave()
+        metas = protocol.describe(_named_tensors(state))
+        self.info = None
+        body = {"tensors": [m.to_wire() for m in metas]}
+        info = protocol.GroupInfo.model_validate(self._post("/v1/sync/group", body))
+        self.info = info
+        if info.method == "gloo":
+            self._group = _gloo_group(info.master_address, info.master_port, info.world_size, info.timeout_seconds)
+        elif info.method == "nccl":
+            self._comm = self._nccl_group(info)
+        if info.method != "checkpoint":
+            self._post(f"/v1/sync/group/{info.incarnation}/joined")
+        return info
+
+    @staticmethod
+    def _nccl_group(info: protocol.GroupInfo) -> Any:
+        from torch._C._distributed_c10d import TCPStore
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        store = TCPStore(info.master_address, info.master_port, None, False,
+                         timedelta(seconds=info.timeout_seconds), wait_for_workers=False)  # fmt: skip
+        group = StatelessProcessGroup(rank=0, world_size=info.world_size, store=store)
+        return PyNcclCommunicator(group, device=torch.cuda.current_device())
+
+    def _leave(self) -> None:
+        if self._group is not None:
+            self._group.shutdown()
+            self._group = None
+        if self._comm is not None:
+            self._comm.destroy()
+            self._comm = None
+
+    def close(self) -> None:
+        self._leave()
+        self.http.close()
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ---- push ----------------------------------------------------------------------------------------------
+
+    def push(self, state: StateLike, version: int | None = None) -> PushFigures:
+        """Make ``state`` the served policy on every engine; returns the version and what it cost."""
+        if self.info is None:
+            self.setup(state)
+        try:
+            return self._push_once(state, version)
+        except SyncRefusedError as err:
+            if err.status != 409 or "form a new group" not in str(err):
+                raise
+            self.setup(state)  # membership changed: re-form the group once, then push again
+            return self._push_once(state, version)
+
+    def _push_once(self, state: StateLike, version: int | None) -> PushFigures:
+        assert self.info is not None
+        started = time.monotonic()
+        tensors = self._prepared(state)
+        if self.info.method == "checkpoint":
+            result = self._push_checkpoint(tensors, version)
+        else:
+            metas = protocol.describe(tensors)
+            body = {"incarnation": self.info.incarnation, "version": version, "tensors": [m.to_wire() for m in metas]}
+            accepted = self._post("/v1/sync/push", body)["version"]
+            try:
+                self._broadcast(tensors, metas)
+            except BaseException:
+                self._leave()  # the group is unusable after a failed collective; the next push re-forms it
+                self.info = None
+                raise
+            result = protocol.PushResult.model_validate(self._post(f"/v1/sync/push/{accepted}/result"))
+        return PushFigures(result.version, result.bytes, time.monotonic() - started, result.engines_in_sync,
+                           result.engines, result.apply_seconds)  # fmt: skip
+
+    def _broadcast(self, tensors: list[tuple[str, torch.Tensor]], metas: list[protocol.TensorMeta]) -> None:
+        assert self.info is not None
+        if self.info.method == "nccl":
+            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+            packed_nccl_broadcast_producer(iterator=iter(tensors), group=self._comm, src=0,
+                                           post_iter_func=lambda item: item[1].cuda(),
+                                           buffer_size_bytes=self.info.bucket_bytes, num_buffers=2)  # fmt: skip
+            torch.cuda.synchronize()
+            return
+        for indexes in protocol.chunks(metas, self.info.bucket_bytes):
+            buffer = protocol.pack([tensors[i][1] for i in indexes])
+            self._group.broadcast(buffer, 0).wait()
+
+    def _push_checkpoint(self, tensors: list[tuple[str, torch.Tensor]], version: int | None) -> protocol.PushResult:
+        """Write safetensors into a fresh directory under the shared path (complete before its name appears)."""
+        from safetensors.torch import save_file
+
+        assert self.info is not None and self.info.checkpoint_path
+        root = Path(self.info.checkpoint_path)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".push-", dir=root))
+        final = root / f"policy-{version or 'next'}-{uuid.uuid4().hex[:8]}"
+        try:
+            save_file({n: t.contiguous() for n, t in tensors}, str(staging / "model.safetensors"))
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        body = {"incarnation": self.info.incarnation, "version": version, "checkpointDir": str(final)}
+        try:
+            return protocol.PushResult.model_validate(self._post("/v1/sync/checkpoint", body))
+        finally:
+            shutil.rmtree(final, ignore_errors=True)  # engines have read it (or refused it)

@@ -1,0 +1,224 @@
+"""Weight sync on real parts: a trainer client, the coordinator's rendezvous and the session's two real CPU vLLM
+engines, grouped over loopback with gloo (and the checkpoint method on the same engines).
+
+Every check compares what the engines *serve* (logprobs of fixed prompts) with a Hugging Face forward pass of the
+weights the trainer pushed. The module puts the original weights back when it ends, for the tests that follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from explorer import explorer as explorer_mod
+from explorer import local_engine, sink
+from explorer.weight_sync.rendezvous import SyncCoordinator
+from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
+from kubeplane import paths
+from tests.conftest import free_port
+from tests.runtime import sync_support as support
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.vllm
+TOLERANCE = 2e-5  # fp32 on CPU; the old weights are off by several nats
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[support.LoopThread]:
+    thread = support.LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def coordinator(
+    loop: support.LoopThread, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SyncCoordinator]:  # fmt: skip
+    cfg = support.sync_config([e.base_url for e in cpu_engines], tiny_model_dir, tmp_path_factory.mktemp("sync"),
+                              free_port())  # fmt: skip
+    coordinator = support.start_coordinator(loop, cfg)
+    try:
+        yield coordinator
+    finally:
+        try:
+            with TrainerClient(address(coordinator)) as trainer:
+                trainer.push(support.original_state(tiny_model_dir))
+        finally:
+            loop.run(coordinator.stop())
+
+
+def address(coordinator: SyncCoordinator) -> str:
+    return f"{coordinator.advertised_host}:{coordinator.api_port}"
+
+
+def served_errors(
+    engines: list[local_engine.LocalEngine], model_dir: Path, state: dict[str, torch.Tensor]
+) -> list[float]:
+    return [support.max_logprob_error(support.engine_logprobs(e.base_url), model_dir, state) for e in engines]
+
+
+def test_push_reaches_every_engine_and_matches_hf(
+    coordinator: SyncCoordinator, loop: support.LoopThread, cpu_engines: list[local_engine.LocalEngine],
+    tiny_model_dir: Path,
+) -> None:  # fmt: skip
+    new = support.perturbed_state(tiny_model_dir, seed=1)
+    assert min(served_errors(cpu_engines, tiny_model_dir, new)) > 0.1, "the perturbed weights must be distinguishable"
+    with TrainerClient(address(coordinator)) as trainer:
+        info = trainer.setup(new)
+        assert info.world_size == 3 and info.master_address == "127.0.0.1"
+        first = trainer.push(new)
+        assert first.engines_in_sync == first.engines == 2
+        assert first.bytes == sum(t.numel() * 4 for t in new.values())
+        assert max(served_errors(cpu_engines, tiny_model_dir, new)) < TOLERANCE
+        for engine in range(2):
+            for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "lm_head.weight"):
+                served = loop.run(coordinator.get_weight(name, engine=engine))
+                assert torch.equal(served, new[name]), f"engine {engine} serves another {name}"
+
+        newer = support.perturbed_state(tiny_model_dir, seed=2)
+        second = trainer.push(newer)
+        assert second.version == first.version + 1
+        assert max(served_errors(cpu_engines, tiny_model_dir, newer)) < TOLERANCE
+    state = coordinator.state()
+    assert state.version == second.version and state.engines_in_sync == 2 and state.last_error is None
+    assert coordinator.last_sync_bytes == second.bytes and coordinator.last_sync_time
+
+
+def test_bad_metadata_is_refused_naming_the_tensor_and_nothing_changes(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    good = support.perturbed_state(tiny_model_dir, seed=5)
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(good)
+        version = coordinator.version
+        wrong_shape = {**good, "model.norm.weight": torch.ones(10)}
+        with pytest.raises(SyncRefusedError, match=r"'model\.norm\.weight' has shape \[10\].*\[64\]") as refused:
+            trainer.push(wrong_shape)
+        assert refused.value.status == 422
+        unknown = {**good, "model.layers.9.mlp.up_proj.weight": torch.ones(4)}
+        with pytest.raises(SyncRefusedError, match=r"'model\.layers\.9\.mlp\.up_proj\.weight' is not a weight"):
+            trainer.push(unknown)
+        partial = {k: v for k, v in good.items() if k != "lm_head.weight"}
+        with pytest.raises(SyncRefusedError, match="missing"):
+            trainer.push(partial)
+    assert coordinator.version == version
+    assert max(served_errors(cpu_engines, tiny_model_dir, good)) < TOLERANCE
+
+
+def test_trainer_killed_mid_push_leaves_the_previous_version_served(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    previous = support.perturbed_state(tiny_model_dir, seed=3)
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(previous)
+    version = coordinator.version
+    before = [support.engine_logprobs(e.base_url) for e in cpu_engines]
+
+    trainer_cmd = [sys.executable, "-m", "tests.runtime.sync_trainer_for_tests", address(coordinator),
+                   str(tiny_model_dir), "4"]  # fmt: skip
+    dying = subprocess.run([*trainer_cmd, "--die-after-chunks", "3"], cwd=paths.repo_root(), capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+    assert dying.returncode == -9, dying.stderr[-2000:]
+    assert "dying after 3 chunks" in dying.stdout
+    wait_for(lambda: coordinator.last_error, timeout=60, what="the coordinator to see the failed push")
+    assert "receive failed" in (coordinator.last_error or "")
+    assert coordinator.version == version
+    after = [support.engine_logprobs(e.base_url) for e in cpu_engines]
+    assert after == before, "an engine serves something other than the previous complete version"
+
+    # The next trainer forms a new group and its push lands everywhere.
+    recovered = subprocess.run(trainer_cmd, cwd=paths.repo_root(), capture_output=True, text=True, timeout=120,
+                               check=False)  # fmt: skip
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    assert coordinator.version == (version or 0) + 1
+    assert max(served_errors(cpu_engines, tiny_model_dir, support.perturbed_state(tiny_model_dir, 4))) < TOLERANCE
+
+
+def test_fixed_style_explorer_waits_for_each_push_and_stamps_versions(
+    coordinator: SyncCoordinator, loop: support.LoopThread, ray_cluster: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = coordinator.config.model_copy(deep=True)
+    cfg.explore = cfg.explore.model_copy(update={"batch_size": 2, "repeat_times": 2, "total_steps": 3})
+    cfg.workflow = cfg.workflow.model_copy(update={"max_tokens": 4})
+    cfg.scheduler = cfg.scheduler.model_copy(update={"runners_per_engine": 1, "task_timeout_seconds": 60})
+    cfg.experiences = cfg.experiences.model_copy(update={"path": str(tmp_path / "out")})
+    cfg.sync = cfg.sync.model_copy(update={"style": "fixed", "interval": 1})
+    explorer = explorer_mod.Explorer(cfg, sync=coordinator)
+    coordinator.config = cfg
+    out = sink.ExperienceSink(tmp_path / "out")
+    start = coordinator.version
+    run = asyncio.run_coroutine_threadsafe(explorer.explore(), loop.loop)
+    pushed = []
+    with TrainerClient(address(coordinator)) as trainer:
+        for step in (1, 2):
+            wait_for(lambda step=step: step in out.committed_steps(), timeout=180, what=f"step {step} committed")
+            time.sleep(1.0)
+            assert out.committed_steps() == set(range(1, step + 1)), "explored past a boundary without a push"
+            assert "waiting for the trainer" in explorer.report.message
+            pushed.append(trainer.push(support.perturbed_state(tiny_model_dir, seed=10 + step)).version)
+    # The last boundary (after step 3) waits for a third push; the trainer sends it once the step is in.
+    wait_for(lambda: 3 in out.committed_steps(), timeout=180, what="step 3 committed")
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(support.perturbed_state(tiny_model_dir, seed=13))
+    run.result(timeout=120)
+    stamped = {step: {(e.policy_version, tuple(e.policy_versions)) for e in out.read_step(step)} for step in (1, 2, 3)}
+    assert stamped[1] == {(start, (start,) if start is not None else ())}
+    assert stamped[2] == {(pushed[0], (pushed[0],))}
+    assert stamped[3] == {(pushed[1], (pushed[1],))}
+    assert out.manifest()["steps"]["3"]["policyVersion"] == pushed[1]
+
+
+@pytest.mark.timeout(900)
+def test_restarted_engine_rejoins_at_the_next_push(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(support.perturbed_state(tiny_model_dir, seed=6))
+        restarted = cpu_engines[1]
+        restarted.stop()
+        restarted.start()  # same port, original weights from disk, no group membership
+        assert support.max_logprob_error(support.engine_logprobs(restarted.base_url), tiny_model_dir,
+                                         support.original_state(tiny_model_dir)) < TOLERANCE  # fmt: skip
+        newest = support.perturbed_state(tiny_model_dir, seed=7)
+        result = trainer.push(newest)  # re-forms the group (the restarted engine is not a member), then pushes
+        assert result.engines_in_sync == 2
+    assert max(served_errors(cpu_engines, tiny_model_dir, newest)) < TOLERANCE
+
+
+def test_checkpoint_method_serves_the_same_model_as_gloo(
+    coordinator: SyncCoordinator, loop: support.LoopThread, cpu_engines: list[local_engine.LocalEngine],
+    tiny_model_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    weights = support.perturbed_state(tiny_model_dir, seed=8)
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(weights)
+    by_gloo = [support.engine_logprobs(e.base_url) for e in cpu_engines]
+    with TrainerClient(address(coordinator)) as trainer:
+        trainer.push(support.perturbed_state(tiny_model_dir, seed=9))  # something else in between
+
+    cfg = coordinator.config.model_copy(deep=True)
+    cfg.sync = cfg.sync.model_copy(update={"method": "checkpoint", "checkpoint_path": str(tmp_path / "shared"),
+                                           "port": free_port()})  # fmt: skip
+    by_checkpoint_coordinator = support.start_coordinator(loop, cfg)
+    try:
+        with TrainerClient(address(by_checkpoint_coordinator)) as trainer:
+            result = trainer.push(weights)
+        assert result.engines_in_sync == 2 and result.bytes > 0
+        assert list((tmp_path / "shared").iterdir()) == [], "the pushed checkpoint directory is cleaned up"
+    finally:
+        loop.run(by_checkpoint_coordinator.stop())
+    by_checkpoint = [support.engine_logprobs(e.base_url) for e in cpu_engines]
+    for gloo_choices, ckpt_choices in zip(by_gloo, by_checkpoint, strict=True):
+        for a, b in zip(gloo_choices, ckpt_choices, strict=True):
+            assert a["token_ids"] == b["token_ids"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"],
+                                                  strict=True)) < 1e-5  # fmt: skip
+    coordinator.version = max(coordinator.version or 0, result.version)  # the engines moved on without it
