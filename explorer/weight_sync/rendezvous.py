@@ -213,6 +213,8 @@ class SyncCoordinator:
                 group.ready = True  # engines read the shared volume; no process group to form
                 return self._group_info(group)
             slots, world = protocol.rank_layout([e.endpoint.world_size for e in self.engines])
+            wire = protocol.on_wire(request.tensors, self._group_info(group).dtype)
+            chunk_bytes = [sum(wire[i].nbytes for i in c) for c in protocol.chunks(wire, self.spec.bucket_bytes)]
             for engine, slot in zip(self.engines, slots, strict=True):
                 init = {
                     "master_address": self.advertised_host,
@@ -224,6 +226,7 @@ class SyncCoordinator:
                 }
                 if self.spec.method == "gloo":
                     init["bucket_bytes"] = self.spec.bucket_bytes
+                    init["chunk_bytes"] = chunk_bytes
                 else:
                     init.update(packed=True, packed_buffer_size_bytes=self.spec.bucket_bytes)
                 body = {"init_info": init}

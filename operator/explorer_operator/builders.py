@@ -322,6 +322,48 @@ def build_desired_pods(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, d
     return pods
 
 
+TRAINER_LABEL = f"{models.GROUP}/trainer-for"
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": OPERATOR_NAME}
+STORE_PORT_WINDOW = 8  # the coordinator opens a fresh store per sync group on sync.port+1 .. sync.port+8
+
+
+def _ports_except(excluded: set[int]) -> list[dict[str, Any]]:
+    """TCP port ranges covering 1-65535 minus ``excluded`` (NetworkPolicy has no "all but" rule)."""
+    ranges, start = [], 1
+    for port in sorted(excluded):
+        if port > start:
+            ranges.append({"protocol": "TCP", "port": start, "endPort": port - 1})
+        start = port + 1
+    if start <= 65535:
+        ranges.append({"protocol": "TCP", "port": start, "endPort": 65535})
+    return ranges
+
+
+def build_network_policies(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
+    """Who may reach the job's pods: its own pods; trainers labelled ``trainer-for=<job>`` (any namespace) on the
+    coordinator's sync ports and on the rollout engines' group-transfer ports, never on the engines' HTTP port (vLLM
+    dev mode opens control routes there); the operator on the coordinator's status port."""
+    own = {"podSelector": {"matchLabels": {JOB_LABEL: job.name}}}
+    trainers = {"namespaceSelector": {}, "podSelector": {"matchLabels": {TRAINER_LABEL: job.name}}}
+    operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}
+    sync_ports = [{"protocol": "TCP", "port": spec.sync.port, "endPort": spec.sync.port + STORE_PORT_WINDOW}]
+
+    def policy(name: str, selector: dict[str, str], ingress: list[dict[str, Any]]) -> dict[str, Any]:
+        body = {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"], "ingress": ingress}
+        return with_hash({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                          "metadata": _metadata(job, name, "network-policy"), "spec": body})  # fmt: skip
+
+    return [
+        policy(f"{job.name}-isolation", {JOB_LABEL: job.name}, [{"from": [own]}]),
+        policy(f"{job.name}-sync", {JOB_LABEL: job.name, ROLE_LABEL: "coordinator"}, [
+            {"from": [trainers], "ports": sync_ports},
+            {"from": [operator_pods], "ports": [{"protocol": "TCP", "port": spec.coordinator.api_port}]},
+        ]),
+        policy(f"{job.name}-engine-transfer", {JOB_LABEL: job.name, ROLE_LABEL: "engine", GROUP_LABEL: ROLLOUT_GROUP},
+               [{"from": [trainers], "ports": _ports_except({spec.engines.port})}]),
+    ]  # fmt: skip
+
+
 def build_static_children(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
-    """The ConfigMap and Services (everything but pods)."""
-    return [build_config_map(job, spec), *build_services(job, spec)]
+    """The ConfigMap, Services and NetworkPolicies (everything but pods)."""
+    return [build_config_map(job, spec), *build_services(job, spec), *build_network_policies(job, spec)]

@@ -146,10 +146,30 @@ def build_crd() -> dict[str, Any]:
     }
 
 
+HELM_CRD_PATH = "helm/explorer-operator/templates/crd.yaml"
+HEADER = "# Generated from explorer_operator.models by `python -m explorer_operator.crdgen`. Do not edit.\n"
+
+
 def render_crd() -> str:
-    header = "# Generated from explorer_operator.models by `python -m explorer_operator.crdgen`. Do not edit.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+
+
+def render_helm_crd() -> str:
+    """The chart's copy: the same CRD, installed and upgraded by Helm, kept on uninstall (jobs survive it)."""
+    crd = build_crd()
+    crd["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}
+    body = yaml.safe_dump(crd, sort_keys=False, width=120)
+    return HEADER + "{{- if .Values.crds.install }}\n" + body + "{{- end }}\n"
+
+
+def write_all(root: Path) -> None:
+    """Regenerate both copies (``python -m explorer_operator.crdgen --write``)."""
+    (root / CRD_PATH).write_text(render_crd())
+    (root / HELM_CRD_PATH).write_text(render_helm_crd())
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render_crd())
+    if sys.argv[1:] == ["--write"]:
+        write_all(Path.cwd())
+    else:
+        sys.stdout.write(render_crd())

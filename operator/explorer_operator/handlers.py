@@ -21,6 +21,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.enabled = False  # our own Events carry a fixed catalogue of reasons
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.scanning.disabled = True  # the resources are known: no CRD/namespace scanning, no RBAC for it
     memo["controller"] = controller.Controller()
     await memo["controller"].start()
 
@@ -50,6 +51,7 @@ def _child_changed(namespace: str | None, labels: Mapping[str, str], memo: Any, 
 
 for _kind in ("pods", "services", "configmaps"):
     kopf.on.event("v1", _kind, labels=OWN)(_child_changed)
+kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWN)(_child_changed)
 
 
 @kopf.on.probe(id="queued")

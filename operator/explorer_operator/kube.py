@@ -21,8 +21,13 @@ FIELD_MANAGER = "explorer-operator"
 USER_AGENT = "explorer-operator/0.1.0"
 APPLY = "application/apply-patch+yaml"
 
-# kind -> (API path prefix, plural)
-CORE_KINDS = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}
+# kind -> (API group path, plural) of every child kind the operator owns
+CORE_KINDS = {
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+}
 
 
 class Kube:
@@ -58,7 +63,8 @@ class Kube:
     # ---- typed helpers ----------------------------------------------------------------------------
     @staticmethod
     def core_path(namespace: str, kind: str, name: str = "") -> str:
-        base = f"/api/v1/namespaces/{namespace}/{CORE_KINDS[kind]}"
+        group, plural = CORE_KINDS[kind]
+        base = f"{group}/namespaces/{namespace}/{plural}"
         return f"{base}/{name}" if name else base
 
     @staticmethod

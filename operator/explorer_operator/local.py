@@ -45,15 +45,22 @@ class LocalOperator:
 
 @contextlib.contextmanager
 def running_operator(
-    local: cluster.LocalCluster, log: Path, scope: Sequence[str] = ("--all-namespaces", "--standalone")
+    local: cluster.LocalCluster,
+    log: Path,
+    scope: Sequence[str] = ("--all-namespaces", "--standalone"),
+    kubeconfig: Path | None = None,
 ) -> Iterator[LocalOperator]:
-    """``python -m explorer_operator`` with plain logs, liveness and metrics on free loopback ports."""
+    """``python -m explorer_operator`` with plain logs, liveness and metrics on free loopback ports.
+
+    ``kubeconfig`` runs it with other credentials than the cluster admin's (e.g. a ServiceAccount token).
+    """
     live, metrics = cluster.free_port(), cluster.free_port()
     argv = [sys.executable, "-m", "explorer_operator", *scope, "--log-format", "plain",
             "--liveness", f"http://127.0.0.1:{live}/healthz", "--metrics-address", "127.0.0.1",
             "--metrics-port", str(metrics)]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=local.env(), stdout=out, stderr=subprocess.STDOUT)
+        env = {**local.env(), **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield LocalOperator(proc, log, f"http://127.0.0.1:{live}/healthz", f"http://127.0.0.1:{metrics}/metrics")
     finally:

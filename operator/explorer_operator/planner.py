@@ -85,9 +85,7 @@ def plan(
 
 def _plan_static_children(job: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed, result: Plan) -> None:
     for child in builders.build_static_children(job, spec):
-        existing = (observed.config_maps if child["kind"] == "ConfigMap" else observed.services).get(
-            child["metadata"]["name"]
-        )
+        existing = observed.children(child["kind"]).get(child["metadata"]["name"])
         if _hash(existing) != _hash(child):
             result.applies.append(child)
 

@@ -96,13 +96,13 @@ class Reconciler:
 
     async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
         selector = f"{builders.JOB_LABEL}={ref.name}"
-        pods, services, config_maps = await asyncio.gather(
-            asyncio.to_thread(self.api.list_core, ref.namespace, "Pod", selector),
-            asyncio.to_thread(self.api.list_core, ref.namespace, "Service", selector),
-            asyncio.to_thread(self.api.list_core, ref.namespace, "ConfigMap", selector),
-        )
+        pods, services, config_maps, policies = await asyncio.gather(
+            *(asyncio.to_thread(self.api.list_core, ref.namespace, kind, selector)
+              for kind in ("Pod", "Service", "ConfigMap", "NetworkPolicy"))
+        )  # fmt: skip
         report = await self._poll_coordinator(pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
-        return Observed(pods=pods, services=services, config_maps=config_maps, report=report)
+        return Observed(pods=pods, services=services, config_maps=config_maps, report=report,
+                        network_policies=policies)  # fmt: skip
 
     async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
         status = (pod or {}).get("status") or {}

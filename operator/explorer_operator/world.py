@@ -28,6 +28,11 @@ class Observed:
     services: dict[str, dict[str, Any]]
     config_maps: dict[str, dict[str, Any]]
     report: status_api.CoordinatorReport | None = None
+    network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def children(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Observed non-pod children of one kind, by name."""
+        return {"ConfigMap": self.config_maps, "Service": self.services, "NetworkPolicy": self.network_policies}[kind]
 
 
 @dataclasses.dataclass(frozen=True)

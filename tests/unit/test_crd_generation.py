@@ -8,7 +8,9 @@ from kubeplane import paths
 
 def test_crd_file_matches_the_models() -> None:
     on_disk = (paths.repo_root() / crdgen.CRD_PATH).read_text()
-    assert on_disk == crdgen.render_crd(), "crds/ drifted: run `python -m explorer_operator.crdgen > crds/...`"
+    assert on_disk == crdgen.render_crd(), "crds/ drifted: run `python -m explorer_operator.crdgen --write`"
+    chart_copy = (paths.repo_root() / crdgen.HELM_CRD_PATH).read_text()
+    assert chart_copy == crdgen.render_helm_crd(), "the chart's CRD drifted: run the same command"
 
 
 def test_schema_is_structural_with_descriptions_and_nullable_optionals() -> None:

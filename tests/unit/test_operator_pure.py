@@ -38,6 +38,7 @@ def world(s: models.ExplorerJobSpec, **pod_overrides: dict[str, Any]) -> Observe
         pods=pods,
         services={c["metadata"]["name"]: c for c in children if c["kind"] == "Service"},
         config_maps={c["metadata"]["name"]: c for c in children if c["kind"] == "ConfigMap"},
+        network_policies={c["metadata"]["name"]: c for c in children if c["kind"] == "NetworkPolicy"},
     )
 
 
@@ -80,7 +81,7 @@ def test_fresh_job_plan_creates_everything_and_an_unchanged_world_plans_nothing(
     empty = Observed(pods={}, services={}, config_maps={})
     first = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), empty, NOW)
     kinds = sorted(o["kind"] for o in first.applies)
-    assert kinds == ["ConfigMap"] + ["Pod"] * 4 + ["Service"] * 3
+    assert kinds == ["ConfigMap"] + ["NetworkPolicy"] * 3 + ["Pod"] * 4 + ["Service"] * 3
     status = models.ExplorerJobStatus.model_validate(first.status)
     settled = planner.plan(JOB, 1, s, status, world(s), NOW)
     assert settled.applies == [] and settled.deletes == []
@@ -157,3 +158,19 @@ def test_cpu_workers_and_auxiliary_groups_get_their_own_pods_and_services() -> N
     assert services == {"rl-sync", "rl-coordinator", "rl-engines", "rl-judge"}
     config = builders.build_explorer_config(JOB, s)
     assert config.auxiliary[0].engines[0].url == "http://rl-judge-0.rl-judge.team.svc:8000"
+
+
+def test_network_policies_admit_own_pods_trainers_on_transfer_ports_and_never_the_engine_api() -> None:
+    s = spec()
+    policies = {p["metadata"]["name"]: p["spec"] for p in builders.build_network_policies(JOB, s)}
+    assert set(policies) == {"rl-isolation", "rl-sync", "rl-engine-transfer"}
+    own = {"podSelector": {"matchLabels": {builders.JOB_LABEL: "rl"}}}
+    assert policies["rl-isolation"]["ingress"] == [{"from": [own]}]
+    sync_rules = policies["rl-sync"]["ingress"]
+    trainer_from = {"namespaceSelector": {}, "podSelector": {"matchLabels": {builders.TRAINER_LABEL: "rl"}}}
+    assert sync_rules[0] == {"from": [trainer_from], "ports": [{"protocol": "TCP", "port": s.sync.port,
+                                                               "endPort": s.sync.port + 8}]}  # fmt: skip
+    assert sync_rules[1]["ports"] == [{"protocol": "TCP", "port": s.coordinator.api_port}]
+    transfer = policies["rl-engine-transfer"]["ingress"][0]
+    covered = [(r["port"], r["endPort"]) for r in transfer["ports"]]
+    assert covered == [(1, s.engines.port - 1), (s.engines.port + 1, 65535)]  # everything but the vLLM HTTP port

@@ -34,6 +34,8 @@ def test_pack_and_unpack_round_trip_mixed_dtypes_and_shapes() -> None:
     assert buffer.dtype == torch.uint8 and buffer.numel() == sum(m.nbytes for m in metas)
     for name, tensor in protocol.unpack(buffer, metas):
         assert torch.equal(tensor, tensors[name]) and tensor.dtype == tensors[name].dtype
+    reused = torch.full((buffer.numel() + 7,), 255, dtype=torch.uint8)
+    assert torch.equal(protocol.pack_into(list(tensors.values()), reused), buffer)
     with pytest.raises(ValueError, match="chunk holds"):
         list(protocol.unpack(torch.cat([buffer, torch.zeros(1, dtype=torch.uint8)]), metas))
 

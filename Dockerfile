@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1.7
+# One Dockerfile, two images:
+#   docker build --target operator -t explorer-operator:0.1.0 .
+#   docker build --target runtime  -t explorer-runtime:0.1.0 .   (coordinator, CPU workers and vLLM engines)
+# Bases are pinned to exact versions; final stages carry no compilers or pip caches and run as a non-root user.
+
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+
+# ---- build: one wheel of this project -------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY explorer ./explorer
+COPY operator ./operator
+COPY controlplane/kubeplane ./controlplane/kubeplane
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# ---- operator: a virtualenv with the operator extra only (no torch, no Ray) -------------------------------
+FROM ${PYTHON_IMAGE} AS operator-venv
+COPY --from=wheel /wheels /wheels
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/rft_explorer-*.whl)[operator]" \
+ && /opt/venv/bin/pip uninstall -y pip setuptools wheel
+
+FROM ${PYTHON_IMAGE} AS operator
+LABEL org.opencontainers.image.title="explorer-operator" \
+      org.opencontainers.image.source="https://github.com/rft-explorer/rft-explorer"
+COPY --from=operator-venv /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 65532:65532
+EXPOSE 8080 9090
+ENTRYPOINT ["python", "-m", "explorer_operator"]
+CMD ["--all-namespaces"]
+
+# ---- runtime: vLLM's CUDA image plus this project's runtime extra -----------------------------------------
+FROM ${VLLM_IMAGE} AS runtime
+COPY --from=wheel /wheels /wheels
+# vLLM's image already has torch and vLLM; add Ray and our package into its interpreter, then drop the wheels.
+RUN python3 -m pip install --no-cache-dir "$(ls /wheels/rft_explorer-*.whl)[runtime]" \
+ && rm -rf /wheels \
+ && useradd --uid 1000 --create-home --shell /usr/sbin/nologin explorer
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+USER 1000:1000
+WORKDIR /home/explorer
+# The operator sets each pod's command: `python3 -m explorer coordinator ...` for the coordinator,
+# `python3 -m vllm.entrypoints.openai.api_server ...` for engines, `ray start ...` for CPU workers.
+ENTRYPOINT []
+CMD ["python3", "-m", "explorer", "--help"]
