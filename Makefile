@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install controlplane lint test demo explore-demo plane plane-down bench clean
+.PHONY: install controlplane lint test demo explore-demo plane plane-down chart-install bench clean
 
 install:
 	@scripts/install.sh
@@ -35,10 +35,16 @@ plane: controlplane
 plane-down: install
 	@$(VENV)/bin/kubeplane cluster down
 
+# The Helm chart into the plane started by `make plane` (one command; the operator image is not pulled by kwok).
+chart-install: install
+	@eval "$$($(VENV)/bin/kubeplane cluster env)" && helm upgrade --install explorer-operator helm/explorer-operator \
+		--namespace explorer-system --create-namespace --wait --timeout 120s && kubectl get deploy,pods -n explorer-system
+
 bench: controlplane
 	$(PY) bench/controlplane.py
 	$(PY) bench/operator_scale.py
 	$(PY) bench/scheduler.py --engines
+	$(PY) bench/weight_sync.py
 
 clean:
 	rm -rf .cache/kubeplane .mypy_cache .ruff_cache .pytest_cache

@@ -13,6 +13,7 @@ experience records the policy version its step started on and every version appl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,8 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from explorer import config as explorer_config
 from explorer import scheduler as scheduler_mod
@@ -140,9 +143,15 @@ class Explorer:
                 start_version = self._stamp_versions(experiences, *marks.pop(step))
                 self.sink.commit(step, experiences, start_version)
                 written += len(experiences)
+                failed = sum(1 for s in statuses if not s.ok)
+                step_metrics = sched.metrics.get(step, {})
+                rate = step_metrics.get("experiences_per_second")
+                self.report = self.report.model_copy(update={
+                    "experiences": written, "failed_tasks": self.report.failed_tasks + failed,
+                    "experiences_per_second": rate})  # fmt: skip
                 state = ExplorerState(step, state.cursor + size)
                 _save_state(self.sink.directory, state)
-                metrics = {**sched.metrics.get(step, {}), "failed_tasks": sum(1 for s in statuses if not s.ok)}
+                metrics = {**step_metrics, "failed_tasks": failed}
                 if experiences:
                     metrics["reward_mean"] = sum(e.reward for e in experiences) / len(experiences)
                 await self._evaluate(sched, step, evals)
@@ -235,14 +244,40 @@ class Explorer:
         return await self._need_sync_coordinator().get_weight(name)
 
 
-async def serve_and_explore(explorer: Explorer, host: str, port: int) -> str:
+async def probe_engines(
+    config: explorer_config.ExplorerConfig, http: httpx.AsyncClient
+) -> list[status_api.EngineState]:
+    """``/health`` and ``/weight_info`` of every rollout engine (a missing dev-mode route leaves the version unset)."""
+
+    async def one(endpoint: explorer_config.EngineEndpoint) -> status_api.EngineState:
+        try:
+            healthy = (await http.get(f"{endpoint.url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return status_api.EngineState(index=endpoint.index, url=endpoint.url, healthy=False)
+        version = None
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            response = await http.get(f"{endpoint.url}/weight_info")
+            if response.status_code == 200:
+                version = response.json().get("weight_version")
+        return status_api.EngineState(index=endpoint.index, url=endpoint.url, healthy=healthy, policy_version=version)
+
+    return list(await asyncio.gather(*(one(e) for e in config.rollout.engines)))
+
+
+async def serve_and_explore(explorer: Explorer, host: str, port: int, probe_seconds: float = 5.0) -> str:
     """Explore while the status API publishes progress (and the sync API takes pushes, if the explorer has one)."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
-        while True:
-            server.report = explorer.current_report()
-            await asyncio.sleep(0.2)
+        engines: list[status_api.EngineState] = []
+        last_probe = -probe_seconds
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while True:
+                if asyncio.get_running_loop().time() - last_probe >= probe_seconds:
+                    last_probe = asyncio.get_running_loop().time()
+                    engines = await probe_engines(explorer.config, http)
+                server.report = explorer.current_report().model_copy(update={"engines": engines})
+                await asyncio.sleep(0.2)
 
     await server.start()
     if explorer.sync is not None:

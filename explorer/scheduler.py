@@ -346,6 +346,7 @@ class Scheduler:
             "tasks": len(indices),
             "experiences": experiences,
             "tasks_per_second": len(indices) / span if span > 0 else float(len(indices)),
+            "experiences_per_second": experiences / span if span > 0 else float(experiences),
             "latency_p50": latencies[len(latencies) // 2],
             "latency_p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "retries": batch.retries,

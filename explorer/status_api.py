@@ -17,6 +17,15 @@ from explorer.config import WireModel
 ReportPhase = Literal["Starting", "Running", "Succeeded", "Failed"]
 
 
+class EngineState(WireModel):
+    """One rollout engine as the coordinator last saw it."""
+
+    index: int
+    url: str
+    healthy: bool
+    policy_version: str | None = Field(default=None, description="The weight version the engine reports serving.")
+
+
 class CoordinatorReport(WireModel):
     """The explorer's own account of its progress and of the weight-sync group."""
 
@@ -28,6 +37,10 @@ class CoordinatorReport(WireModel):
     last_sync_time: str | None = None
     last_sync_duration_seconds: float | None = None
     last_sync_bytes: int | None = None
+    engines: list[EngineState] = Field(default_factory=list, description="Health and version of each engine.")
+    experiences: int = Field(default=0, ge=0, description="Experiences committed by this coordinator run.")
+    failed_tasks: int = Field(default=0, ge=0, description="Tasks that failed after every retry, this run.")
+    experiences_per_second: float | None = Field(default=None, description="Throughput of the last step.")
     message: str = ""
 
 

@@ -102,6 +102,8 @@ def test_rendered_chart_is_least_privilege_and_restricted() -> None:
     assert not {r for _, r in granted} & {"secrets", "nodes", "customresourcedefinitions", "*"}
     assert ("explorer.rft.dev", "explorerjobs") in granted and ("networking.k8s.io", "networkpolicies") in granted
     assert by_kind(default, "PodDisruptionBudget")
+    (policy,) = by_kind(default, "NetworkPolicy")
+    assert sorted(p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]) == [8080, 9090]
 
     namespaced = render(*VARIANTS["namespaced"])
     assert not by_kind(namespaced, "ClusterRole") and not by_kind(namespaced, "ClusterRoleBinding")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,6 +59,9 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
         report = wait_for(lambda: _report(port) if (_report(port) or {}).get("step", 0) >= 2 else None,
                           timeout=240, what="two steps reported by the status API")  # fmt: skip
         assert report["phase"] == "Running" and report["totalSteps"] == 6
+        assert report["experiences"] >= 12 and report["failedTasks"] == 0 and report["experiencesPerSecond"] > 0
+        engines = report["engines"]
+        assert [(e["index"], e["healthy"]) for e in engines] == [(0, True), (1, True)], engines
         first.kill()  # SIGKILL: no chance to clean up
         first.wait(timeout=30)
     finally:
@@ -88,9 +92,9 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
         assert f"What is {row} plus {row}?" in tokenizer.decode(first_task.tokens[: first_task.prompt_length])
 
 
-def _report(port: int) -> dict[str, object] | None:
+def _report(port: int) -> dict[str, Any] | None:
     try:
-        data: dict[str, object] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=1).json()
+        data: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=1).json()
         return data
     except (httpx.HTTPError, ValueError):
         time.sleep(0.2)
