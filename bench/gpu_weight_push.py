@@ -56,6 +56,7 @@ def engine(queue: mp.Queue, done: mp.Queue) -> None:  # type: ignore[type-arg]
                 break
             names, shared = item
             staged.append((names, shared.clone()))  # the producer reuses its buffer: copy before acknowledging
+            torch.cuda.current_stream().synchronize()
             done.put("chunk")
         torch.cuda.synchronize()
         for names, buffer in staged:  # apply only after the whole state dict arrived

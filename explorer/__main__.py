@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -17,6 +23,8 @@ from tqdm import tqdm
 from explorer import config as explorer_config
 from explorer import engine_args, explorer, local_engine, tiny_model
 from explorer.weight_sync.rendezvous import SyncCoordinator
+
+RAY_HEAD_PORT = 6379  # the coordinator Service's "ray" port; CPU worker pods join here
 
 
 def load_config(path: Path) -> explorer_config.ExplorerConfig:
@@ -28,7 +36,9 @@ def load_config(path: Path) -> explorer_config.ExplorerConfig:
         raise SystemExit(f"invalid explorer config {path}:\n{err}") from None
 
 
-def sync_coordinator(cfg: explorer_config.ExplorerConfig, in_pod: bool, port: int | None) -> SyncCoordinator:
+def sync_coordinator(
+    cfg: explorer_config.ExplorerConfig, in_pod: bool, port: int | None, bind_host: str = "0.0.0.0"
+) -> SyncCoordinator:
     """The weight-sync side: in a pod it serves on all interfaces and advertises the sync Service's name (the one
     address string every side must use); a local run stays on 127.0.0.1."""
     if not in_pod:
@@ -37,16 +47,59 @@ def sync_coordinator(cfg: explorer_config.ExplorerConfig, in_pod: bool, port: in
     host = address.rpartition(":")[0] or address
     if not host:
         raise SystemExit("EXPLORER_SYNC_ADDRESS is not set (the operator sets it on the coordinator pod)")
-    return SyncCoordinator(cfg, advertised_host=host, bind_host="0.0.0.0", api_port=port or cfg.sync.port,
+    return SyncCoordinator(cfg, advertised_host=host, bind_host=bind_host, api_port=port or cfg.sync.port,
                            store_port_base=port or cfg.sync.port)  # fmt: skip
 
 
-def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator) -> int:
+@contextlib.contextmanager
+def ray_session(node_ip: str | None, head_port: int | None) -> Iterator[None]:
+    """A local Ray instance, or (``head_port``) a Ray head that CPU worker pods join at ``<coordinator>:<port>``."""
     import ray
 
-    ray.init(
-        include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1" if host.startswith("127.") else None
-    )
+    if head_port is None:
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    argv = [ray_cli, "start", "--head", "--block", f"--port={head_port}", "--include-dashboard=false",
+            "--disable-usage-stats", *([f"--node-ip-address={node_ip}"] if node_ip else [])]  # fmt: skip
+    head = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # --block: dies with us
+    try:
+        address = f"{node_ip or socket.gethostbyname(socket.gethostname())}:{head_port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ray.init(address=address, log_to_driver=False)
+                break
+            except ConnectionError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the Ray head on port {head_port} did not start") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def _run(
+    cfg: explorer_config.ExplorerConfig,
+    host: str,
+    port: int,
+    sync: SyncCoordinator,
+    ray_head_port: int | None = None,
+    node_ip: str | None = None,
+) -> int:
+    with ray_session(node_ip or ("127.0.0.1" if host.startswith("127.") else None), ray_head_port):
+        return _explore(cfg, host, port, sync)
+
+
+def _explore(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator) -> int:
     ex = explorer.Explorer(cfg, sync=sync)
     bar = tqdm(total=cfg.explore.total_steps, desc="explore", unit="step")
 
@@ -59,7 +112,6 @@ def _run(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCo
         summary = asyncio.run(explorer.serve_and_explore(ex, host, port))
     finally:
         bar.close()
-        ray.shutdown()
     for error in ex.row_errors:
         print(f"skipped taskset row {error}", file=sys.stderr)
     print(summary)
@@ -117,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--status-host", default="127.0.0.1" if name == "run" else "0.0.0.0")
         p.add_argument("--status-port", type=int, default=None, help="default: the config's statusPort")
         p.add_argument("--sync-port", type=int, default=None, help="trainer-facing sync API (default: sync.port)")
+    coordinator = sub.choices["coordinator"]
+    coordinator.add_argument("--bind-host", default="0.0.0.0", help="interface of the sync API and store")
+    coordinator.add_argument(
+        "--ray-head-port",
+        type=int,
+        default=RAY_HEAD_PORT,
+        help="start a Ray head here for CPU worker pods (0: a local Ray instance)",
+    )
+    coordinator.add_argument("--node-ip", default=None, help="the Ray node address (default: the pod IP)")
     d = sub.add_parser("demo", help="the embedded default on local CPU vLLM engines")
     d.add_argument("--steps", type=int, default=4)
     d.add_argument("--engines", type=int, default=2)
@@ -126,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return demo(args)
     cfg = load_config(args.config)
-    sync = sync_coordinator(cfg, args.command == "coordinator", args.sync_port)
-    return _run(cfg, args.status_host, args.status_port or cfg.status_port, sync)
+    status_port = args.status_port or cfg.status_port
+    if args.command == "run":
+        return _run(cfg, args.status_host, status_port, sync_coordinator(cfg, False, args.sync_port))
+    sync = sync_coordinator(cfg, True, args.sync_port, args.bind_host)
+    return _run(cfg, args.status_host, status_port, sync, args.ray_head_port or None, args.node_ip)
 
 
 if __name__ == "__main__":

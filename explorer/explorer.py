@@ -203,6 +203,8 @@ class Explorer:
         """A sync boundary: hand over to the hook, or wait until the trainer is at most ``lag`` pushes behind."""
         if self.sync_hook is not None:
             self.policy_version = await self.sync_hook(step)
+        elif step == self.config.explore.total_steps:
+            return  # nothing left to explore on the new weights: the job is done without waiting
         elif self.sync is not None and lag is not None and self.sync.syncs < boundaries - lag:
             self.report = self.report.model_copy(
                 update={"message": f"step {step} done; waiting for the trainer's push #{boundaries - lag}"}
@@ -264,19 +266,28 @@ async def probe_engines(
     return list(await asyncio.gather(*(one(e) for e in config.rollout.engines)))
 
 
+def alive_ray_nodes() -> int | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 async def serve_and_explore(explorer: Explorer, host: str, port: int, probe_seconds: float = 5.0) -> str:
     """Explore while the status API publishes progress (and the sync API takes pushes, if the explorer has one)."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
-        engines: list[status_api.EngineState] = []
+        probed: dict[str, Any] = {}
         last_probe = -probe_seconds
         async with httpx.AsyncClient(timeout=2.0) as http:
             while True:
                 if asyncio.get_running_loop().time() - last_probe >= probe_seconds:
                     last_probe = asyncio.get_running_loop().time()
-                    engines = await probe_engines(explorer.config, http)
-                server.report = explorer.current_report().model_copy(update={"engines": engines})
+                    probed = {"engines": await probe_engines(explorer.config, http),
+                              "ray_nodes": await asyncio.to_thread(alive_ray_nodes)}  # fmt: skip
+                server.report = explorer.current_report().model_copy(update=probed)
                 await asyncio.sleep(0.2)
 
     await server.start()

@@ -38,6 +38,7 @@ class CoordinatorReport(WireModel):
     last_sync_duration_seconds: float | None = None
     last_sync_bytes: int | None = None
     engines: list[EngineState] = Field(default_factory=list, description="Health and version of each engine.")
+    ray_nodes: int | None = Field(default=None, ge=0, description="Alive Ray nodes: the coordinator + CPU workers.")
     experiences: int = Field(default=0, ge=0, description="Experiences committed by this coordinator run.")
     failed_tasks: int = Field(default=0, ge=0, description="Tasks that failed after every retry, this run.")
     experiences_per_second: float | None = Field(default=None, description="Throughput of the last step.")

@@ -1,0 +1,78 @@
+"""``python -m explorer coordinator`` as the operator runs it in the coordinator pod, on loopback: it starts a Ray
+head that a CPU worker joins with the worker pod's own command, serves the status and sync APIs, and explores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from explorer import local_engine, sink
+from explorer.weight_sync.trainer import TrainerClient
+from explorer_operator import builders
+from explorer_operator.builders import JobRef
+from kubeplane import paths
+from tests.conftest import free_port
+from tests.runtime.sync_support import original_state
+from tests.runtime.test_explorer import _report, write_config
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.vllm
+
+
+def worker_command(ray_port: int) -> list[str]:
+    """The CPU worker pod's command from the builder, pointed at loopback instead of the coordinator Service."""
+    from explorer_operator import models
+
+    spec = models.ExplorerJobSpec.model_validate({"model": {"path": "/m"}, "taskset": {"path": "/t.jsonl"},
+                                                  "coordinator": {"cpuWorkers": 1}})  # fmt: skip
+    command: list[str] = builders.build_worker_pod(JobRef("j", "ns", "u"), spec, 0)["spec"]["containers"][0]["command"]
+    assert command[:3] == ["ray", "start", "--block"] and command[3].endswith(f":{builders.RAY_PORT}")
+    ray = str(Path(sys.executable).with_name("ray"))
+    return [ray, *command[1:3], f"--address=127.0.0.1:{ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+
+
+def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
+    cpu_engines: list[local_engine.LocalEngine], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    status_port, ray_port, sync_port = free_port(), free_port(), free_port()
+    config = write_config(tmp_path, cpu_engines, steps=2, port=status_port)
+    body = yaml.safe_load(config.read_text())
+    body["sync"] = {"method": "gloo", "style": "fixed", "interval": 1, "timeoutSeconds": 30}  # waits after step 1
+    config.write_text(yaml.safe_dump(body))
+    env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}"}
+    argv = [sys.executable, "-m", "explorer", "coordinator", "--config", str(config), "--status-host", "127.0.0.1",
+            "--bind-host", "127.0.0.1", "--sync-port", str(sync_port), "--ray-head-port", str(ray_port),
+            "--node-ip", "127.0.0.1"]  # fmt: skip
+    log = tmp_path / "coordinator.log"
+    with log.open("wb") as out:
+        coordinator = subprocess.Popen(argv, cwd=paths.repo_root(), env=env, stdout=out, stderr=subprocess.STDOUT)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: _report(status_port), timeout=180, what="the coordinator's status API")
+        worker = subprocess.Popen(worker_command(ray_port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+        def two_nodes() -> dict[str, Any] | None:
+            report = _report(status_port)
+            return report if report and report.get("rayNodes") == 2 else None
+
+        report = wait_for(two_nodes, timeout=180, what="the CPU worker joined the coordinator's Ray head")
+        assert report["phase"] == "Running"
+        wait_for(lambda: "waiting for the trainer" in (_report(status_port) or {}).get("message", ""), timeout=180,
+                 what="step 1 done and the explorer waiting for a push")  # fmt: skip
+        assert sink.ExperienceSink(tmp_path / "out").committed_steps() == {1}
+        # A trainer reaches the coordinator's sync API at the advertised address and releases step 2.
+        with TrainerClient(f"127.0.0.1:{sync_port}") as trainer:
+            assert trainer.push(original_state(tiny_model_dir)).engines_in_sync == 2
+        assert coordinator.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for proc in (coordinator, worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    assert sink.ExperienceSink(tmp_path / "out").committed_steps() == {1, 2, 3}
