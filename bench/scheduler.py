@@ -105,7 +105,7 @@ def orchestration(n_tasks: int, repeat: int, runners: int, batches: int) -> None
     seconds, exps = asyncio.run(run_batches(local, n_tasks, batches))
     total = n_tasks * batches
     print(f"  in-process runners: {rates(total, exps, seconds)}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         actors = scheduler.Scheduler(cfg, InstantModel())
         seconds, exps = asyncio.run(run_batches(actors, n_tasks, batches))
@@ -160,7 +160,9 @@ def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
             f"concurrency {concurrency}"
         )
         print(f"  direct to engines:                  {direct_rate:7.1f} exps/s")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
         try:
             for processes in (None, 2):
                 cfg = make_config(urls, repeat, runners_per_engine, max_tokens=16, processes=processes)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import shutil
 import socket
 import tempfile
 import threading
@@ -194,6 +195,7 @@ def main() -> None:
         for engine in engines:
             engine.stop()
         loop.call_soon_threadsafe(loop.stop)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

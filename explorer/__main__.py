@@ -57,12 +57,15 @@ def ray_session(node_ip: str | None, head_port: int | None) -> Iterator[None]:
     import ray
 
     if head_port is None:
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip)
+        # "local": always a fresh instance of our own, never a cluster some `ray start` left recorded in /tmp/ray.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address=node_ip)
         try:
             yield
         finally:
             ray.shutdown()
         return
+    # Worker pods join without a token: the job's NetworkPolicy admits only the job's own pods to the Ray port.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     argv = [ray_cli, "start", "--head", "--block", f"--port={head_port}", "--include-dashboard=false",
             "--disable-usage-stats", *([f"--node-ip-address={node_ip}"] if node_ip else [])]  # fmt: skip

