@@ -45,6 +45,14 @@ class CoordinatorReport(WireModel):
     message: str = ""
 
 
+async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving ``app`` on ``host:port``; ``await runner.cleanup()`` stops it."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
 class StatusServer:
     """Serves the current ``report`` (replace it to publish progress) on ``host:port``."""
 
@@ -64,9 +72,7 @@ class StatusServer:
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._runner = await serve_app(app, self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from torch._C._distributed_c10d import TCPStore
 
 from explorer import config as explorer_config
+from explorer import status_api
 from explorer.weight_sync import protocol
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,7 @@ class SyncCoordinator:
         app.router.add_post("/v1/sync/push", self._h_push)
         app.router.add_post("/v1/sync/push/{version}/result", self._h_result)
         app.router.add_post("/v1/sync/checkpoint", self._h_checkpoint)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.bind_host, self.api_port).start()
+        self._runner = await status_api.serve_app(app, self.bind_host, self.api_port)
 
     async def stop(self) -> None:
         for task in self._pushes.values():
