@@ -122,7 +122,7 @@ class Staging:
 
     def start(self) -> None:
         self.staged = []
-        self._recycle(self._incoming)  # an unfinished push: its buffers are free again
+        self._recycle(self._incoming or self._reuse)  # an unfinished push: its buffers are free again
         self._incoming = []
         self._reuse = self._free.pop(0) if self._free else []
 
