@@ -148,7 +148,7 @@ class Staging:
             self._live = self._incoming
         else:
             self._recycle(self._incoming)
-        self._incoming = []
+        self._incoming, self._reuse = [], []
 
 
 class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
