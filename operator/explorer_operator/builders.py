@@ -279,8 +279,9 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         "readinessProbe": _probe("/healthz", "api", 5, 3),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
     }
-    # The configuration is mounted, not baked in: scaling engines updates the file in place and the runtime
-    # re-reads membership, so the coordinator (and its progress) survives a scale.
+    # The configuration is mounted, not baked in: scaling engines updates the file in place without changing this
+    # pod's template, so the coordinator (and its progress) survives a scale. The runtime reads engine membership
+    # at start; picking up added engines while running is not built yet (docs/runtime.md).
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
     pod_spec = {**_cpu_pod_spec(spec, container), "volumes": [{"name": "config", "configMap": {"name": config_name}}]}
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
