@@ -60,6 +60,18 @@ def read_checkpoint(directory: str) -> list[tuple[str, torch.Tensor]]:
     return weights
 
 
+def read_checkpoint_tensor(directory: str, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory, read alone (not the whole checkpoint)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            if name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor: torch.Tensor = handle.get_tensor(name)
+                return tensor
+    raise KeyError(f"no weight named {name!r} in the served model")
+
+
 def apply_weights(model: torch.nn.Module, model_config: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     """Load a complete state dict through vLLM's layerwise reload (CPU prepacked kernels need it, see notes)."""
     from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
@@ -342,10 +354,7 @@ class WorkerExtension:
         if tensor is None and staging is not None and staging.applied:
             raise RuntimeError("this engine keeps no copy of pushed weights (NCCL); compare logprobs instead")
         if tensor is None:
-            weights = dict(read_checkpoint(self.model_config.model))
-            if name not in weights:
-                raise KeyError(f"no weight named {name!r} in the served model")
-            tensor = weights[name]
+            tensor = read_checkpoint_tensor(self.model_config.model, name)
         data = tensor.detach().contiguous().cpu()
         return {"dtype": protocol.dtype_name(data.dtype), "shape": list(data.shape),
                 "data": base64.b64encode(data.reshape(-1).view(torch.uint8).numpy().tobytes()).decode()}  # fmt: skip

@@ -75,6 +75,11 @@ def chunks(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
     return out
 
 
+def chunk_bytes(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[int]:
+    """Byte size of each chunk ``chunks`` cuts (what receive and pack buffers must hold)."""
+    return [sum(metas[i].nbytes for i in indexes) for indexes in chunks(metas, bucket_bytes)]
+
+
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One flat uint8 CPU buffer holding ``tensors`` back to back."""
     flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]

@@ -213,7 +213,7 @@ class SyncCoordinator:
                 return self._group_info(group)
             slots, world = protocol.rank_layout([e.endpoint.world_size for e in self.engines])
             wire = protocol.on_wire(request.tensors, self._group_info(group).dtype)
-            chunk_bytes = [sum(wire[i].nbytes for i in c) for c in protocol.chunks(wire, self.spec.bucket_bytes)]
+            chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
             for engine, slot in zip(self.engines, slots, strict=True):
                 init = {
                     "master_address": self.advertised_host,

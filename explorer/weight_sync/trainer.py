@@ -130,7 +130,7 @@ class TrainerClient:
         info = protocol.GroupInfo.model_validate(self._post("/v1/sync/group", body))
         self.info = info
         if info.method == "gloo":
-            self._reserve_buffers(protocol.on_wire(metas, info.dtype))
+            self._reserve_buffers(max(protocol.chunk_bytes(protocol.on_wire(metas, info.dtype), info.bucket_bytes)))
             self._group = _gloo_group(info.master_address, info.master_port, info.world_size, info.timeout_seconds)
         elif info.method == "nccl":
             self._comm = self._nccl_group(info)
@@ -212,7 +212,7 @@ class TrainerClient:
             torch.cuda.synchronize()
             return
         plan = protocol.chunks(metas, self.info.bucket_bytes)
-        self._reserve_buffers(metas)
+        self._reserve_buffers(max(protocol.chunk_bytes(metas, self.info.bucket_bytes)))
         started = time.monotonic()
         waiting = 0.0
         # Two reused buffers: chunk k+1 is packed in a thread while chunk k is on the wire.
@@ -229,11 +229,8 @@ class TrainerClient:
         log.info("broadcast %d chunks in %.2f s (%.2f s waiting for packing)", len(plan), time.monotonic() - started,
                  waiting)  # fmt: skip
 
-    def _reserve_buffers(self, metas: list[protocol.TensorMeta]) -> None:
+    def _reserve_buffers(self, largest: int) -> None:
         """Two pack buffers for the largest chunk, touched once (fresh memory would fault page by page mid-push)."""
-        assert self.info is not None
-        plan = protocol.chunks(metas, self.info.bucket_bytes)
-        largest = max(sum(metas[i].nbytes for i in indexes) for indexes in plan)
         if not self._buffers or self._buffers[0].numel() < largest:
             self._buffers = [torch.zeros(largest, dtype=torch.uint8) for _ in range(2)]
 
