@@ -5,7 +5,9 @@
    scheduler's own cost. Prints tasks/s and orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s,
    30-35 ms per task, 100 ms floor per batch on the same kind of machine.
 2. With ``--engines``: two real CPU vLLM engines on the tiny model; experiences/s through the scheduler versus the
-   same requests sent straight to the engines with the same concurrency (the overhead of our layer).
+   same requests sent straight to the engines with the same concurrency (the overhead of our layer). Requests per
+   engine are counted from each engine's own ``/metrics`` for every run; the benchmark exits non-zero when an engine
+   got less than half its fair share (issue #13: every request went to engine 0 and the totals did not show it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from explorer import config, engine_args, inference, local_engine, scheduler, tiny_model
+from explorer import config, engine_args, engine_metrics, inference, local_engine, scheduler, tiny_model
 from explorer.experience import Experience
 from explorer.workflow_runner import Status, WorkflowRunner
 from explorer.workflows import Task
@@ -133,6 +135,42 @@ async def direct(urls: list[str], prompts: list[str], repeat: int, concurrency: 
     return seconds
 
 
+def served(urls: list[str]) -> list[float]:
+    """Requests each engine has finished, once its counter has settled (it may lag the last response a little)."""
+    counts = [engine_metrics.fetch_requests_served(u) for u in urls]
+    for _ in range(20):
+        time.sleep(0.25)
+        again = [engine_metrics.fetch_requests_served(u) for u in urls]
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
+class EngineSplit:
+    """Requests per engine for each measured run, from the engines' ``/metrics``; remembers skewed runs."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.min_share = 0.5 / len(urls)  # half of a fair share: 25% with 2 engines
+        self.skewed: list[str] = []
+
+    def measure(self, label: str, before: list[float]) -> str:
+        counts = [after - b for after, b in zip(served(self.urls), before, strict=True)]
+        shares = engine_metrics.compute_shares(counts)
+        if not sum(counts) or min(shares) < self.min_share:
+            self.skewed.append(f"{label}: {counts}")
+        per_engine = " / ".join(f"{c:.0f}" for c in counts)
+        return f"requests per engine {per_engine} ({' / '.join(f'{s:.0%}' for s in shares)})"
+
+    def check(self) -> None:
+        if self.skewed:
+            raise SystemExit(
+                f"FAIL: requests skewed across engines (some engine got < {self.min_share:.0%}): "
+                + "; ".join(self.skewed)
+            )
+
+
 def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
     import ray
 
@@ -150,37 +188,44 @@ def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
         for e in engines:
             e.wait_ready()
         urls = [e.base_url for e in engines]
+        split = EngineSplit(urls)
         prompts = [t.prompt for t in tasks(n_tasks)]
         asyncio.run(direct(urls, prompts[:4], repeat, 4, 16))  # warm-up
         concurrency = len(urls) * runners_per_engine
+        before = served(urls)
         base = asyncio.run(direct(urls, prompts, repeat, concurrency, 16))
         direct_rate = n_tasks * repeat / base
         print(
             f"real CPU engines x2 (tiny model), {n_tasks} tasks x {repeat} repeats, 16 tokens, "
             f"concurrency {concurrency}"
         )
-        print(f"  direct to engines:                  {direct_rate:7.1f} exps/s")
+        print(f"  direct to engines:                  {direct_rate:7.1f} exps/s  {split.measure('direct', before)}")
         ray.init(
             address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
         )
         try:
-            rates = {}
+            rates, splits = {}, {}
             for processes in (None, 2):
+                label = f"{processes or concurrency} runner processes"
                 cfg = make_config(urls, repeat, runners_per_engine, max_tokens=16, processes=processes)
+                before = served(urls)  # the run includes its warm-up batch: both count
                 seconds, exps = asyncio.run(run_batches(scheduler.Scheduler(cfg, cfg.rollout), n_tasks, 1))
-                rates[f"{processes or concurrency} runner processes"] = exps / seconds
+                rates[label] = exps / seconds
+                splits[label] = split.measure(f"through scheduler, {label}", before)
         finally:
             ray.shutdown()
         # Direct again, after: one run on 2 busy cores is noisy; the better of the two is the (strict) baseline.
+        before = served(urls)
         again = n_tasks * repeat / asyncio.run(direct(urls, prompts, repeat, concurrency, 16))
-        print(f"  direct to engines, measured again:  {again:7.1f} exps/s")
+        print(f"  direct to engines, measured again:  {again:7.1f} exps/s  {split.measure('direct again', before)}")
         baseline = max(direct_rate, again)
         for label, rate in rates.items():
             print(f"  through scheduler, {label:17s} {rate:7.1f} exps/s  "
-                  f"({rate / baseline:.2f}x of the better direct run; goal >= 0.95x)")  # fmt: skip
+                  f"({rate / baseline:.2f}x of the better direct run; goal >= 0.95x)  {splits[label]}")  # fmt: skip
     finally:
         for e in engines:
             e.stop()
+    split.check()
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """Inference models: the ``InferenceModel`` interface and its implementation over vLLM's OpenAI-compatible API.
 
-``EnginePool`` spreads requests over several engines by least outstanding requests and moves a request to another
-engine when one stops answering (an engine killed mid-batch costs a retry, not the task). A cancelled request (a
-timed-out attempt) closes its HTTP connection, which makes vLLM abort the generation.
+``EnginePool`` spreads requests over several engines and moves a request to another engine when one stops answering
+(an engine killed mid-batch costs a retry, not the task). Under the scheduler the engine is chosen job-wide
+(``engine_load``) and passed in: ``EnginePool.routed(order)`` is one task's view that tries that order first and
+records the engines that failed. On its own a pool picks by its own least outstanding requests, rotating ties. A
+cancelled request (a timed-out attempt) closes its HTTP connection, which makes vLLM abort the generation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
+
+from explorer import engine_load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +51,7 @@ class InferenceModel(Protocol):
     async def close(self) -> None: ...
 
 
-RETRY_DOWN_AFTER = 10.0
+RETRY_DOWN_AFTER = engine_load.RETRY_DOWN_AFTER
 
 
 class EngineUnavailableError(RuntimeError):
@@ -71,12 +75,14 @@ def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
 class OpenAIEngine:
     """One ``vllm serve`` engine, reached over HTTP."""
 
-    def __init__(self, base_url: str, model: str, timeout: float = 3600.0):
+    def __init__(
+        self, base_url: str, model: str, timeout: float = 3600.0, transport: httpx.AsyncBaseTransport | None = None
+    ):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.outstanding = 0
         self.failed_at = -math.inf  # monotonic time of the last transport failure
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.outstanding += 1
@@ -116,39 +122,59 @@ class OpenAIEngine:
 
 
 class EnginePool:
-    """Several engines serving one model: least-outstanding dispatch, failover on connection errors."""
+    """Several engines serving one model: the scheduler's engine order or least outstanding, failover on errors."""
 
-    def __init__(self, engines: Sequence[OpenAIEngine]):
+    def __init__(self, engines: Sequence[OpenAIEngine], first: int = 0):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = list(engines)
+        self._next = first % len(self.engines)  # where ties start when the pool chooses by itself
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str], model: str) -> EnginePool:
-        return cls([OpenAIEngine(url, model) for url in urls])
+    def from_urls(
+        cls, urls: Sequence[str], model: str, first: int = 0, transport: httpx.AsyncBaseTransport | None = None
+    ) -> EnginePool:
+        return cls([OpenAIEngine(url, model, transport=transport) for url in urls], first)
 
-    def _by_load(self) -> list[OpenAIEngine]:
-        """Healthy engines first (no transport failure in the last ``RETRY_DOWN_AFTER`` s), then least loaded."""
+    def routed(self, order: Sequence[int] = ()) -> RoutedPool:
+        """One task's view: its requests try ``order`` (indices into ``engines``) first; empty: the pool's choice."""
+        return RoutedPool(self, order)
+
+    def down(self) -> list[bool]:
+        """Engines with a transport failure in the last ``RETRY_DOWN_AFTER`` seconds (in this process)."""
         now = time.monotonic()
-        return sorted(self.engines, key=lambda e: (now - e.failed_at < RETRY_DOWN_AFTER, e.outstanding))
+        return [now - e.failed_at < RETRY_DOWN_AFTER for e in self.engines]
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> list[Completion]:
+    def order(self, preferred: Sequence[int] = ()) -> list[int]:
+        """Engines to try: ``preferred`` first (down ones last), the rest after; else least outstanding here."""
+        down = self.down()
+        if not preferred:
+            order = engine_load.build_order([e.outstanding for e in self.engines], down, self._next)
+            self._next = (order[0] + 1) % len(self.engines)
+            return order
+        known = list(dict.fromkeys(i for i in preferred if 0 <= i < len(self.engines)))
+        rest = [i for i in range(len(self.engines)) if i not in known]
+        return sorted(known + rest, key=lambda i: down[i])  # stable: the caller's order among healthy engines
+
+    async def call(self, order: Sequence[int], failed: set[int], method: str, *args: Any, **kwargs: Any) -> Any:
+        """``method`` on the first engine of ``self.order(order)`` that answers; those that failed go in ``failed``."""
         errors = []
-        for engine in self._by_load():
+        for index in self.order(order):
+            engine = self.engines[index]
             try:
-                result: list[Completion] = await getattr(engine, method)(*args, **kwargs)
-                return result
+                return await getattr(engine, method)(*args, **kwargs)
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
                 if isinstance(err, httpx.HTTPStatusError) and err.response.status_code < 500:
                     raise  # the request itself is wrong: another engine would say the same
                 engine.failed_at = time.monotonic()
+                failed.add(index)
                 errors.append(f"{engine.base_url}: {err!r}")
         raise EngineUnavailableError("no engine answered: " + "; ".join(errors))
 
     async def generate(
         self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
     ) -> list[Completion]:
-        return await self._call("generate", prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return await self.routed().generate(prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     async def chat(
         self,
@@ -159,8 +185,42 @@ class EnginePool:
         temperature: float = 1.0,
         seed: int | None = None,
     ) -> list[Completion]:
-        return await self._call("chat", messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return await self.routed().chat(messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     async def close(self) -> None:
         for engine in self.engines:
             await engine.close()
+
+
+class RoutedPool:
+    """An ``EnginePool`` as one task sees it: the scheduler's engine order, and the engines that failed it."""
+
+    def __init__(self, pool: EnginePool, order: Sequence[int]):
+        self.pool = pool
+        self.order = tuple(order)
+        self.failed: set[int] = set()
+
+    async def generate(
+        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+    ) -> list[Completion]:
+        result: list[Completion] = await self.pool.call(
+            self.order, self.failed, "generate", prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
+        return result
+
+    async def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        result: list[Completion] = await self.pool.call(
+            self.order, self.failed, "chat", messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
+        return result
+
+    async def close(self) -> None:
+        return None  # the pool belongs to its runner, which closes it

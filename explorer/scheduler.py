@@ -4,6 +4,8 @@ No polling: ``schedule`` pushes sub-tasks onto a priority heap (batch-id order, 
 dispatcher, which hands each to the next idle runner; completions wake ``get_results`` waiters directly. Each attempt
 gets exactly ``task_timeout_seconds``; a timed-out attempt is cancelled on the runner (its engine request aborted)
 and retried on another runner; a crashed runner actor is replaced and its sub-task retried; nothing is dropped.
+The scheduler also chooses each sub-task's rollout engine (``engine_load``: least outstanding across the whole job,
+engines a runner saw fail avoided for a while) and passes the choice to the runner with the sub-task.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from explorer import config as explorer_config
+from explorer import engine_load
 from explorer.experience import Experience
 from explorer.workflow_runner import ModelRef, Status, WorkflowRunner
 from explorer.workflows import Task
@@ -45,6 +48,7 @@ class TaskWrapper:
     repeat_times: int = 1
     attempts: int = 0
     index: int = 0  # position of the task in its ``schedule`` call
+    engine_order: tuple[int, ...] = ()  # this attempt's rollout engines to try, first to last (set at dispatch)
 
 
 class RunnerBackend(Protocol):
@@ -97,7 +101,7 @@ class RayRunner:
     async def run(self, task: TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
         ray = self.host._ray
         generation = self.host.generation
-        ref = self.host.actor.run_task.remote(task.task, task.repeat_times, task.run_id_base)
+        ref = self.host.actor.run_task.remote(task.task, task.repeat_times, task.run_id_base, task.engine_order)
         try:
             result: tuple[Status, list[Experience]] = await asyncio.wait_for(ref, timeout)
             return result
@@ -212,6 +216,8 @@ class Scheduler:
         self._batches: dict[BatchId, _Batch] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self.metrics: dict[BatchId, dict[str, float]] = {}
+        group = rollout_model if isinstance(rollout_model, explorer_config.EngineGroupConfig) else None
+        self.engine_load = engine_load.EngineLoad(len(group.engines)) if group and group.engines else None
 
     async def start(self) -> None:
         await asyncio.gather(*(host.ready() for host in self.hosts))
@@ -266,10 +272,16 @@ class Scheduler:
             job.add_done_callback(batch.running.discard)
 
     async def _run(self, runner: RunnerWrapper, sub: TaskWrapper, batch: _Batch) -> None:
+        if self.engine_load is not None:  # here, not in _dispatch: a job cancelled before it starts holds nothing
+            sub.engine_order = self.engine_load.acquire(time.monotonic())
         try:
             status, experiences = await runner.run_once(sub)
         finally:
             self._idle.put_nowait(runner)
+            if self.engine_load is not None and sub.engine_order:
+                self.engine_load.release(sub.engine_order[0])
+        if self.engine_load is not None:
+            self.engine_load.mark_down(status.failed_engines, time.monotonic())
         if batch.cancelled:
             return
         if not status.ok and sub.attempts < self.config.scheduler.max_retry_times:

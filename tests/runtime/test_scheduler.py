@@ -12,8 +12,9 @@ from typing import Any
 import psutil
 import pytest
 
-from explorer import config, local_engine, scheduler
+from explorer import config, engine_metrics, local_engine, scheduler
 from explorer.workflows import Task
+from tests import waiting
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("ray_cluster")]
 
@@ -189,6 +190,36 @@ def test_requests_fail_over_to_the_other_engine_when_one_is_down(cpu_engines: li
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_requests_spread_over_both_engines_counted_by_the_engines_themselves(
+    cpu_engines: list[local_engine.LocalEngine],
+) -> None:
+    """Issue #13: each runner process had its own pool with one request in flight, so all went to engine 0."""
+    cfg = explorer_config(cpu_engines, explore={"repeatTimes": 1}, workflow={"name": "math", "maxTokens": 4})
+    urls = [e.base_url for e in cpu_engines]
+    before = [engine_metrics.fetch_requests_served(u) for u in urls]
+    n_tasks = 24
+
+    async def scenario() -> None:
+        sched = await running_scheduler(cfg)
+        try:
+            sched.schedule(arithmetic(n_tasks), batch_id=1)
+            statuses, _ = await sched.get_results(1, timeout=120)
+            assert len(statuses) == n_tasks and all(s.ok for s in statuses)
+        finally:
+            await sched.stop()
+
+    asyncio.run(scenario())
+
+    def served() -> list[float] | None:  # the engine may count a request just after its response has gone out
+        counts = [engine_metrics.fetch_requests_served(u) - b for u, b in zip(urls, before, strict=True)]
+        return counts if sum(counts) >= n_tasks else None
+
+    counts = waiting.wait_for(
+        served, timeout=15, what=f"{n_tasks} requests in the engines' {engine_metrics.REQUESTS_METRIC}"
+    )
+    assert min(engine_metrics.compute_shares(counts)) >= 0.25, f"requests per engine: {counts}"
 
 
 def test_chat_workflow_rewards_replies_to_multi_turn_conversations(cpu_engines: list[local_engine.LocalEngine]) -> None:

@@ -1,0 +1,56 @@
+"""Which engine of a group takes the next request: least outstanding across the whole job, down engines last.
+
+Every runner lives in its own Ray actor process with its own HTTP clients, so no runner sees the job's load. The
+scheduler does: it keeps one ``EngineLoad`` for the rollout group, picks an engine for every sub-task it dispatches
+and releases it when the sub-task returns. The runner tries the scheduler's order (skipping engines it saw fail) and
+reports the engines that failed, which the scheduler then avoids for ``RETRY_DOWN_AFTER`` seconds. Ties between
+equally loaded engines rotate, so an idle job does not pile its first requests onto engine 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+RETRY_DOWN_AFTER = 10.0  # seconds an engine that failed is tried only after every healthy one
+
+
+def build_order(outstanding: Sequence[int], down: Sequence[bool], start: int = 0) -> list[int]:
+    """Engine indices in the order to try: healthy first, then fewest outstanding, ties from ``start`` onwards."""
+    size = len(outstanding)
+    if len(down) != size:
+        raise ValueError(f"{size} outstanding counts but {len(down)} down flags")
+    return sorted(range(size), key=lambda i: (down[i], outstanding[i], (i - start) % size))
+
+
+class EngineLoad:
+    """The scheduler's load picture of one engine group: requests in flight per engine and engines seen failing."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError("an engine group needs at least one engine")
+        self.outstanding = [0] * size
+        self.dispatched = [0] * size  # sub-tasks ever assigned to each engine (for metrics and benchmarks)
+        self.down_until = [-math.inf] * size
+        self._next = 0  # where ties start: the engine after the last one chosen
+
+    def down(self, now: float) -> list[bool]:
+        return [now < until for until in self.down_until]
+
+    def acquire(self, now: float) -> tuple[int, ...]:
+        """Choose an engine for one request (the first of the returned order) and count it as outstanding."""
+        order = build_order(self.outstanding, self.down(now), self._next)
+        chosen = order[0]
+        self.outstanding[chosen] += 1
+        self.dispatched[chosen] += 1
+        self._next = (chosen + 1) % len(self.outstanding)
+        return tuple(order)
+
+    def release(self, index: int) -> None:
+        self.outstanding[index] = max(0, self.outstanding[index] - 1)
+
+    def mark_down(self, indices: Iterable[int], now: float) -> None:
+        """Engines a runner could not reach: tried last until ``RETRY_DOWN_AFTER`` seconds from ``now``."""
+        for index in indices:
+            if 0 <= index < len(self.down_until):
+                self.down_until[index] = now + RETRY_DOWN_AFTER
