@@ -27,6 +27,7 @@ HASH_ANNOTATION = f"{models.GROUP}/template-hash"
 ROLLOUT_GROUP = "rollout"
 CONFIG_FILE = "explorer.yaml"
 CONFIG_DIR = "/etc/explorer"
+CONFIG_VOLUME = "config"  # the coordinator's volume for the job's ConfigMap
 RAY_PORT = 6379
 GPU = "nvidia.com/gpu"
 # Sized for loading large checkpoints: up to 30 min to come up, then /health every 10 s.
@@ -233,7 +234,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         "args": engine_args.build_vllm_serve_args(args),
         "ports": [{"name": "http", "containerPort": group.pods.port}],
         "env": env,
-        "resources": _gpu_resources(group.pods.resources, tp),
+        "resources": _gpu_resources(group.pods.resources, tp) if group.pods.device == "gpu" else group.pods.resources,
         "startupProbe": _probe("/health", "http", PROBE_PERIOD, STARTUP_PROBE_SECONDS // PROBE_PERIOD),
         "readinessProbe": _probe("/health", "http", 5, 3),
         "livenessProbe": _probe("/health", "http", PROBE_PERIOD, 6),
@@ -277,25 +278,33 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         ],
         "resources": spec.coordinator.resources,
         "readinessProbe": _probe("/healthz", "api", 5, 3),
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}],
     }
     # The configuration is mounted, not baked in: scaling engines updates the file in place without changing this
     # pod's template, so the coordinator (and its progress) survives a scale. The runtime reads engine membership
     # at start; picking up added engines while running is not built yet (docs/runtime.md).
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
-    pod_spec = {**_cpu_pod_spec(spec, container), "volumes": [{"name": "config", "configMap": {"name": config_name}}]}
+    pod_spec = _cpu_pod_spec(spec, container)
+    pod_spec["volumes"] = [{"name": CONFIG_VOLUME, "configMap": {"name": config_name}}, *pod_spec.get("volumes", [])]
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
 def _cpu_pod_spec(spec: models.ExplorerJobSpec, container: dict[str, Any]) -> dict[str, Any]:
-    """Pod settings shared by the coordinator and its CPU workers (placed where the coordinator spec says)."""
-    return {
+    """Pod settings shared by the coordinator and its CPU workers (placed where the coordinator spec says, with the
+    user's volumes: workflows on the workers read the same data). Empty volume lists are left out, so pods built
+    before the volumes field existed keep their template hash."""
+    if spec.coordinator.volume_mounts:
+        container["volumeMounts"] = [*container.get("volumeMounts", []), *spec.coordinator.volume_mounts]
+    pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator replaces failed pods within the job's restart budget
         "enableServiceLinks": False,
         "containers": [container],
         "nodeSelector": spec.coordinator.node_selector,
         "tolerations": spec.coordinator.tolerations,
     }
+    if spec.coordinator.volumes:
+        pod_spec["volumes"] = list(spec.coordinator.volumes)
+    return pod_spec
 
 
 def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> dict[str, Any]:

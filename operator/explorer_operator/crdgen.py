@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
-from explorer_operator import models
+from explorer_operator import admission, models
 
 CRD_PATH = Path("crds") / f"{models.PLURAL}.{models.GROUP}.yaml"
 DROPPED_KEYS = {"title", "$defs"}
@@ -95,6 +95,7 @@ PRINTER_COLUMNS = [
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition object, generated from ``models``."""
     spec_schema = openapi_schema(models.ExplorerJobSpec)
+    spec_schema["x-kubernetes-validations"] = admission.crd_validations("spec")
     status_schema = openapi_schema(models.ExplorerJobStatus)
     status_schema.pop("required", None)
     return {
@@ -138,6 +139,8 @@ def build_crd() -> dict[str, Any]:
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            # Rules on metadata.name (only the root sees it) and on names built from it.
+                            "x-kubernetes-validations": admission.crd_validations("root"),
                         }
                     },
                 }

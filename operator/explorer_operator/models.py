@@ -37,6 +37,11 @@ class EngineGroupSpec(WireModel):
     replicas: int = Field(default=1, ge=0, le=4096, description="Number of engines (scale subresource).")
     image: str = Field(default="ghcr.io/rft-explorer/runtime:0.1.0", min_length=1, description="Engine image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(default=None)
+    device: Literal["gpu", "cpu"] = Field(
+        default="gpu",
+        description="gpu: each engine requests tensorParallelSize nvidia.com/gpu; cpu: vLLM's CPU backend, no GPU "
+        "request (size the pod with resources).",
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the engine's OpenAI-compatible API.")
     resources: K8sObject = Field(
         default_factory=dict, description="Container resources; nvidia.com/gpu is set from tensorParallelSize."
@@ -53,7 +58,12 @@ class EngineGroupSpec(WireModel):
 class AuxiliaryEngineGroupSpec(EngineGroupSpec):
     """An extra engine group, e.g. a judge model (the seed's auxiliary_models)."""
 
-    name: str = Field(min_length=1, max_length=20, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(
+        min_length=1,
+        max_length=20,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        description="Group name (a DNS-1035 label): its Service is <job>-<name>, its pods <job>-<name>-<index>.",
+    )
     model: ModelSpec
 
 
@@ -68,6 +78,12 @@ class CoordinatorSpec(WireModel):
     cpu_workers: int = Field(default=0, ge=0, le=1024, description="Extra Ray worker pods for heavy workflows.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[K8sObject] = Field(default_factory=list)
+    volumes: list[K8sObject] = Field(
+        default_factory=list, description="Pod volumes of the coordinator and CPU workers, e.g. a taskset on a PVC."
+    )
+    volume_mounts: list[K8sObject] = Field(
+        default_factory=list, description="Container volume mounts of the coordinator and CPU workers."
+    )
 
 
 class RestartPolicySpec(WireModel):

@@ -64,7 +64,7 @@ class Reconciler:
         failed = next((c for c in previous.conditions if c.type == "Failed" and c.status == "True"), None)
         try:
             spec = models.ExplorerJobSpec.model_validate(job.get("spec") or {})
-            problems = validation.spec_problems(spec)
+            problems = validation.job_problems(name, spec)
         except ValidationError as err:
             problems = [_validation_message(err)]
         if problems:

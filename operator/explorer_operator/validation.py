@@ -1,10 +1,14 @@
-"""Checks a spec that passed the CRD schema but cannot work; each problem says what to fix."""
+"""Checks a job that passed the CRD schema but cannot work; each problem says what to fix.
+
+The admission rules (``admission``) are checked here again: a job stored before its CRD had them must still fail
+with a message rather than be built into objects the API server refuses.
+"""
 
 from __future__ import annotations
 
 import re
 
-from explorer_operator import models
+from explorer_operator import admission, builders, models
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -30,9 +34,22 @@ def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
         problems.append(
             f"spec.workflow.importPath must look like 'package.module:ClassName', got {spec.workflow.import_path!r}"
         )
-    names = [aux.name for aux in spec.auxiliary_models]
-    if len(set(names)) != len(names) or "engine" in names:
-        problems.append(f"spec.auxiliaryModels names must be unique and not 'engine': {names}")
-    if spec.sync.port in {spec.coordinator.api_port, 6379}:
-        problems.append(f"spec.sync.port {spec.sync.port} collides with a coordinator port (api or Ray 6379)")
+    problems += _coordinator_volume_problems(spec.coordinator)
     return [p for p in problems if p]
+
+
+def _coordinator_volume_problems(coordinator: models.CoordinatorSpec) -> list[str]:
+    """The coordinator pod already has the job's config volume; a second one of that name or path is refused."""
+    problems = []
+    if any(v.get("name") == builders.CONFIG_VOLUME for v in coordinator.volumes):
+        problems.append(f"spec.coordinator.volumes must not use the name {builders.CONFIG_VOLUME!r}: the operator "
+                        "mounts the job's ConfigMap under it; rename the volume (and its volumeMounts)")  # fmt: skip
+    if any(m.get("mountPath", "").rstrip("/") == builders.CONFIG_DIR for m in coordinator.volume_mounts):
+        problems.append(f"spec.coordinator.volumeMounts must not mount at {builders.CONFIG_DIR}: the job's config "
+                        "file is there; choose another mountPath")  # fmt: skip
+    return problems
+
+
+def job_problems(job_name: str, spec: models.ExplorerJobSpec) -> list[str]:
+    """Every reason this job cannot run: the admission rules (its name included), then ``spec_problems``."""
+    return admission.problems(job_name, spec) + spec_problems(spec)

@@ -174,3 +174,26 @@ def test_network_policies_admit_own_pods_trainers_on_transfer_ports_and_never_th
     transfer = policies["rl-engine-transfer"]["ingress"][0]
     covered = [(r["port"], r["endPort"]) for r in transfer["ports"]]
     assert covered == [(1, s.engines.port - 1), (s.engines.port + 1, 65535)]  # everything but the vLLM HTTP port
+
+
+def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config() -> None:
+    """A taskset on a user PVC must be readable by the coordinator and by workflows on the CPU workers (issue #12)."""
+    data = {"name": "data", "persistentVolumeClaim": {"claimName": "tasksets", "readOnly": True}}
+    mount = {"name": "data", "mountPath": "/data", "readOnly": True}
+    s = spec(coordinator={"cpuWorkers": 1, "volumes": [data], "volumeMounts": [mount]})
+    pods = builders.build_desired_pods(JOB, s)
+    coordinator = pods["rl-coordinator"]["spec"]
+    assert [v["name"] for v in coordinator["volumes"]] == ["config", "data"]
+    assert [m["mountPath"] for m in coordinator["containers"][0]["volumeMounts"]] == ["/etc/explorer", "/data"]
+    worker = pods["rl-worker-0"]["spec"]
+    assert worker["volumes"] == [data] and worker["containers"][0]["volumeMounts"] == [mount]
+    assert pods["rl-engine-0"]["spec"]["volumes"] == []  # engines keep their own spec.engines.volumes
+    assert validation.spec_problems(s) == []
+    plain = builders.build_worker_pod(JOB, spec(coordinator={"cpuWorkers": 1}), 0)
+    assert "volumes" not in plain["spec"] and "volumeMounts" not in plain["spec"]["containers"][0]  # hash unchanged
+
+    clash = spec(coordinator={"volumes": [{"name": "config", "emptyDir": {}}],
+                              "volumeMounts": [{"name": "config", "mountPath": "/etc/explorer/"}]})  # fmt: skip
+    problems = validation.spec_problems(clash)
+    assert any(p.startswith("spec.coordinator.volumes must not use the name 'config'") for p in problems)
+    assert any(p.startswith("spec.coordinator.volumeMounts must not mount at /etc/explorer") for p in problems)
