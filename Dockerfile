@@ -1,11 +1,13 @@
-# syntax=docker/dockerfile:1.7
-# One Dockerfile, two images:
+# One Dockerfile, two images, each in a published and a local variant:
 #   docker build --target operator -t explorer-operator:0.1.0 .
 #   docker build --target runtime  -t explorer-runtime:0.1.0 .   (coordinator, CPU workers and vLLM engines)
 # Bases are pinned to exact versions; final stages carry no compilers or pip caches and run as a non-root user.
+# No `# syntax=` line: BuildKit's built-in frontend is used, so a build never fetches a frontend image.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+# The local variants' base (kubeplane passes its own Debian base made with mmdebstrap instead).
+ARG LOCAL_BASE_IMAGE=debian:12.12-slim
 
 # ---- build: one wheel of this project -------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
@@ -45,5 +47,35 @@ USER 1000:1000
 WORKDIR /home/explorer
 # The operator sets each pod's command: `python3 -m explorer coordinator ...` for the coordinator,
 # `python3 -m vllm.entrypoints.openai.api_server ...` for engines, `ray start ...` for CPU workers.
+ENTRYPOINT []
+CMD ["python3", "-m", "explorer", "--help"]
+
+# ---- local variants: the images of the local plane's real nodes, built with no registry and no network --------
+# `kubeplane images` (controlplane/kubeplane/images.py) builds these with BuildKit. LOCAL_BASE_IMAGE is a Debian
+# base made with mmdebstrap and passed as an oci-layout context; the named context `pyenv` is a virtualenv tree
+# (bin/python -> /usr/bin/python3, site-packages laid out by uv from the pins scripts/install.sh uses). Only COPY:
+# no container runs while building. By hand:
+#   docker buildx build --target runtime-cpu --build-arg LOCAL_BASE_IMAGE=debian:bookworm \
+#     --build-context pyenv=<venv tree> .
+FROM ${LOCAL_BASE_IMAGE} AS local-python
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
+
+FROM local-python AS operator-local
+COPY --from=pyenv / /opt/venv/
+COPY explorer /opt/venv/lib/python3.11/site-packages/explorer
+COPY operator/explorer_operator /opt/venv/lib/python3.11/site-packages/explorer_operator
+USER 65532:65532
+EXPOSE 8080 9090
+ENTRYPOINT ["python", "-m", "explorer_operator"]
+CMD ["--all-namespaces"]
+
+FROM local-python AS runtime-cpu
+COPY --from=pyenv / /opt/venv/
+COPY explorer /opt/venv/lib/python3.11/site-packages/explorer
+COPY operator/explorer_operator /opt/venv/lib/python3.11/site-packages/explorer_operator
+ENV HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+USER 1000:1000
+WORKDIR /tmp
 ENTRYPOINT []
 CMD ["python3", "-m", "explorer", "--help"]

@@ -18,8 +18,10 @@ from kubeplane import paths
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``destructive`` break a shared fixture: run them after everything else."""
-    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+    """Tests marked ``destructive`` break a shared fixture: run them after everything else; e2e tests last of all
+    (their plane with a real node starts when the first of them runs)."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None,
+                                 item.get_closest_marker("destructive") is not None))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

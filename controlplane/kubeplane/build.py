@@ -43,6 +43,9 @@ class Component:
     packages: tuple[str, ...]
     binaries: tuple[str, ...]
     tags: str = ""
+    cgo: bool = False
+    # Real-node components are built only when a plane with real nodes (or `kubeplane build --all`) needs them.
+    real_node: bool = False
 
     @property
     def module_dir(self) -> Path:
@@ -54,15 +57,47 @@ COMPONENTS: tuple[Component, ...] = (
         "k8s",
         packages=tuple(
             f"k8s.io/kubernetes/cmd/{c}"
-            for c in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+            for c in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
         ),
-        binaries=("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
+        binaries=("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"),
         tags="selinux,notest",
     ),
     Component("etcd", packages=(".",), binaries=("etcd",)),
     Component("kwok", packages=("sigs.k8s.io/kwok/cmd/kwok",), binaries=("kwok",)),
     Component("helm", packages=("helm.sh/helm/v4/cmd/helm",), binaries=("helm",)),
+    Component(
+        "containerd",
+        packages=tuple(
+            f"github.com/containerd/containerd/v2/cmd/{c}" for c in ("containerd", "containerd-shim-runc-v2", "ctr")
+        ),
+        binaries=("containerd", "containerd-shim-runc-v2", "ctr"),
+        tags="no_btrfs,no_devmapper,no_zfs,urfave_cli_no_docs",
+        real_node=True,
+    ),
+    # runc needs cgo for seccomp (Debian's libseccomp-dev, installed by scripts/install-host.sh).
+    Component(
+        "runc",
+        packages=("github.com/opencontainers/runc",),
+        binaries=("runc",),
+        tags="seccomp",
+        cgo=True,
+        real_node=True,
+    ),
+    Component("coredns", packages=("github.com/coredns/coredns",), binaries=("coredns",), real_node=True),
+    Component(
+        "kube-router",
+        packages=("github.com/cloudnativelabs/kube-router/v2/cmd/kube-router",),
+        binaries=("kube-router",),
+        real_node=True,
+    ),
+    Component(
+        "buildkit",
+        packages=("github.com/moby/buildkit/cmd/buildkitd", "github.com/moby/buildkit/cmd/buildctl"),
+        binaries=("buildkitd", "buildctl"),
+        real_node=True,
+    ),
 )
+PLANE_COMPONENTS = tuple(c for c in COMPONENTS if not c.real_node)
 
 
 class BuildError(RuntimeError):
@@ -131,7 +166,7 @@ def build_ldflags(component: Component) -> str:
 def compute_key(component: Component, go_version: str, ldflags: str) -> str:
     """A hash of every input that shapes the binaries: module files, Go version, flags, build recipe."""
     digest = hashlib.sha256()
-    recipe = f"{RECIPE_VERSION}\0{go_version}\0{component.tags}\0{component.packages}\0{ldflags}\0"
+    recipe = f"{RECIPE_VERSION}\0{go_version}\0{component.tags}\0{component.packages}\0{ldflags}\0{component.cgo}\0"
     digest.update(recipe.encode())
     for path in sorted(component.module_dir.iterdir()):
         if path.is_file() and (path.suffix == ".go" or path.name in ("go.mod", "go.sum")):
@@ -179,7 +214,7 @@ def build_component(component: Component, cache: Path, go_version: str, log: boo
             cmd += ["-o", str(staging / component.binaries[0]), component.packages[0]]
         else:
             cmd += ["-o", f"{staging}/", *component.packages]
-        env = {**os.environ, "CGO_ENABLED": "0"}
+        env = {**os.environ, "CGO_ENABLED": "1" if component.cgo else "0"}
         proc = subprocess.run(cmd, cwd=component.module_dir, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise BuildError(f"go build of {component.name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
@@ -202,7 +237,7 @@ def _remove_older_builds(cache: Path, name: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_built(components: tuple[Component, ...] = COMPONENTS, log: bool = True) -> dict[str, BuildResult]:
+def ensure_built(components: tuple[Component, ...] = PLANE_COMPONENTS, log: bool = True) -> dict[str, BuildResult]:
     """Build (or find cached) every component; returns results by component name."""
     prebuilt = os.environ.get("KUBEPLANE_BIN_DIR")
     if prebuilt:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from kubeplane import build, cluster, nodes, paths
+from kubeplane import build, cluster, images, nodes, paths
 
 
 def state_dir() -> Path:
@@ -39,19 +39,34 @@ def read_state() -> dict[str, object] | None:
     return state
 
 
-def cmd_build(_: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    results = build.ensure_built()
+    results = build.ensure_built(build.COMPONENTS if args.all else build.PLANE_COMPONENTS)
     for result in results.values():
         sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
         how = "cached" if result.cached else f"built in {result.seconds:.1f}s"
-        print(f"{result.component:5s} {how:18s} {sizes}")
+        print(f"{result.component:11s} {how:18s} {sizes}", flush=True)
     print(f"build total {time.monotonic() - started:.1f}s")
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    for image in images.ensure_images(args.images).values():
+        how = "cached" if image.cached else f"built in {image.seconds:.1f}s"
+        print(f"{image.name:11s} {how:18s} {image.ref} {image.size / 2**20:.0f} MiB", flush=True)
+    print(f"images total {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def _cluster_config(args: argparse.Namespace) -> cluster.ClusterConfig:
-    return cluster.ClusterConfig(nodes=args.nodes, node_shape=nodes.NodeShape(gpus=args.gpus))
+    return cluster.ClusterConfig(
+        nodes=args.nodes,
+        node_shape=nodes.NodeShape(gpus=args.gpus),
+        real_nodes=args.real_nodes,
+        network_policy=not args.no_network_policy,
+        images=tuple(args.images) if args.real_nodes else (),
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -89,7 +104,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("a cluster is already up; `kubeplane cluster env` prints its settings", file=sys.stderr)
         return 1
     state_dir().mkdir(parents=True, exist_ok=True)
-    build.ensure_built()  # build in the foreground so its progress is visible
+    # Build in the foreground so its progress is visible.
+    build.ensure_built(build.COMPONENTS if args.real_nodes else build.PLANE_COMPONENTS)
+    if args.real_nodes:
+        images.ensure_images(args.images)
     log = (state_dir() / "serve.log").open("wb")
     argv = [
         sys.executable,
@@ -101,6 +119,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         str(args.nodes),
         "--gpus",
         str(args.gpus),
+        "--real-nodes",
+        str(args.real_nodes),
+        *(["--no-network-policy"] if args.no_network_policy else []),
+        "--images",
+        *args.images,
     ]
     proc = subprocess.Popen(
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -162,7 +185,12 @@ def cmd_down(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kubeplane", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build or find the cached control-plane binaries").set_defaults(func=cmd_build)
+    b = sub.add_parser("build", help="build or find the cached control-plane binaries")
+    b.add_argument("--all", action="store_true", help="also the real-node binaries (containerd, runc, ...)")
+    b.set_defaults(func=cmd_build)
+    im = sub.add_parser("images", help="build or find the cached images real nodes run")
+    im.add_argument("images", nargs="*", default=list(images.PROJECT_TARGETS), help="project images (default all)")
+    im.set_defaults(func=cmd_images)
     cl = sub.add_parser("cluster", help="a background local cluster").add_subparsers(dest="action", required=True)
     for name, func, text in (
         ("up", cmd_up, "start a cluster in the background and print its environment"),
@@ -175,7 +203,15 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--nodes", type=int, default=4, help="fake GPU nodes (default 4)")
         p.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node (default 8)")
-        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
+        p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for up/down")
+        p.add_argument("--real-nodes", type=int, default=0, help="real nodes (kubelet, containerd) next to the fake")
+        p.add_argument("--no-network-policy", action="store_true", help="real nodes without kube-router")
+        p.add_argument(
+            "--images",
+            nargs="*",
+            default=list(images.PROJECT_TARGETS),
+            help="project images imported into real nodes (default all)",
+        )
     return top
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,15 +30,18 @@ import psutil
 import yaml
 from kubernetes import client, config
 
-from kubeplane import build, pki, procs
+from kubeplane import build, cgroups, images, netplan, nodeconfig, pki, procs, realnode, slots
 from kubeplane import nodes as fake_nodes
 
 WORKDIR_PREFIX = "kubeplane-"
 # Every request at Metadata level: tests count the writes a client made (by user agent) from this log.
 AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
                 "rules": [{"level": "Metadata"}]}  # fmt: skip
-# Services get loopback ClusterIPs too: even a stray dial of one stays on this machine.
+# Services get loopback ClusterIPs too: even a stray dial of one stays on this machine. With real nodes, pods
+# cannot use a loopback ClusterIP (127.0.0.0/8 is each pod's own loopback): the plane's own /16 is used instead.
 SERVICE_CIDR = "127.96.0.0/16"
+REALNODE_STATE = "realnodes.json"
+CGROUP_MANIFEST = "cgroups.json"
 POD_CIDR = "127.64.0.0/16"
 KWOK_NODE_IP = "127.63.0.254"
 
@@ -53,6 +57,12 @@ class ClusterConfig:
     nodes: int = 4
     node_shape: fake_nodes.NodeShape = dataclasses.field(default_factory=fake_nodes.NodeShape)
     ready_timeout: float = 90.0
+    # Real nodes (kubelet + containerd + kube-proxy, pods that actually run) next to the fake ones.
+    real_nodes: int = 0
+    # kube-router enforcing NetworkPolicy on the real nodes (off: policies are stored but not enforced).
+    network_policy: bool = True
+    # Project images (``images.PROJECT_TARGETS``) built and imported into every real node; pause and base always.
+    images: tuple[str, ...] = ()
 
 
 def free_port() -> int:
@@ -88,9 +98,18 @@ def remove_stale_workdirs(parent: Path | None = None) -> list[Path]:
         except (OSError, ValueError):
             continue
         if not psutil.pid_exists(pid):
+            clean_up_real_nodes(directory)
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory)
     return removed
+
+
+def clean_up_real_nodes(workdir: Path) -> None:
+    """Undo what a launcher that died without stopping made for real nodes: processes and cgroups, its bridge."""
+    cgroups.destroy_from_manifest(workdir / CGROUP_MANIFEST)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        state = json.loads((workdir / REALNODE_STATE).read_text())
+        realnode.delete_bridge(netplan.NetPlan(int(state["slot"])))
 
 
 class LocalCluster:
@@ -106,6 +125,11 @@ class LocalCluster:
         self.node_names: list[str] = []
         self._binaries: dict[str, build.BuildResult] = {}
         self._pki: pki.Pki | None = None
+        self.plan: netplan.NetPlan | None = None
+        self.real_nodes: list[realnode.RealNode] = []
+        self.images: dict[str, images.Image] = {}
+        self._slot: slots.SlotLock | None = None
+        self._cgroups: cgroups.CgroupTree | None = None
 
     # ---- public surface ---------------------------------------------------------------------------
     @property
@@ -173,8 +197,13 @@ class LocalCluster:
     def start(self) -> None:
         started = time.monotonic()
         remove_stale_workdirs(self._workdir_parent)
-        self._binaries = build.ensure_built()
+        wanted = build.COMPONENTS if self.cfg.real_nodes else build.PLANE_COMPONENTS
+        self._binaries = build.ensure_built(wanted)
         self.timings["build_check"] = time.monotonic() - started
+        if self.cfg.real_nodes:
+            image_started = time.monotonic()
+            self.images = images.ensure_images(self.cfg.images)
+            self.timings["images"] = time.monotonic() - image_started
         self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=self._workdir_parent))
         (self.workdir / "owner.pid").write_text(str(os.getpid()))
         atexit.register(self.stop)
@@ -187,9 +216,21 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop components in reverse start order and delete the work directory. Safe to call twice."""
+        for node in reversed(self.real_nodes):
+            node.stop()
+        if self._cgroups is not None:
+            self._cgroups.destroy()  # whatever the daemons left: shims and containers
+            self._cgroups = None
+        self.real_nodes.clear()
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+        if self.plan is not None:
+            realnode.delete_bridge(self.plan)
+            self.plan = None
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -203,7 +244,14 @@ class LocalCluster:
 
     def _start_components(self) -> None:
         assert self.workdir is not None
-        self._pki = pki.create_pki(self.workdir / "pki")
+        extra_ips: tuple[str, ...] = ()
+        if self.cfg.real_nodes:
+            self._slot = slots.acquire(lambda slot: realnode.delete_bridge(netplan.NetPlan(slot)))
+            self.plan = netplan.NetPlan(self._slot.slot)
+            (self.workdir / REALNODE_STATE).write_text(json.dumps({"slot": self.plan.slot}))
+            realnode.create_bridge(self.plan)
+            extra_ips = (self.plan.host_ip, self.plan.kubernetes_service_ip)
+        self._pki = pki.create_pki(self.workdir / "pki", extra_ips=extra_ips)
         for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
             self.ports[name] = free_port()
         kubeconfig = build_kubeconfig(self.server, self._pki.ca_cert, self._pki.admin_cert, self._pki.admin_key)
@@ -214,10 +262,13 @@ class LocalCluster:
         self._phase("apiserver", self._start_apiserver)
         self._phase("controllers", self._start_controllers)
         self._phase("kwok_nodes", self._start_kwok_and_nodes)
+        if self.cfg.real_nodes:
+            self._phase("real_nodes", self._start_real_nodes)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> procs.ManagedProcess:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               cgroup_procs: tuple[Path, ...] | list[Path] = ()) -> procs.ManagedProcess:  # fmt: skip
         assert self.workdir is not None
-        proc = procs.ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env)
+        proc = procs.ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env, cgroup_procs=cgroup_procs)
         self.processes.append(proc)
         return proc
 
@@ -290,11 +341,7 @@ class LocalCluster:
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={p.sa_pub}",
                 f"--service-account-signing-key-file={p.sa_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=RBAC",
-                "--disable-admission-plugins=ServiceAccount",
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
+                *self._apiserver_network_flags(),
                 "--profiling=false",
                 f"--audit-policy-file={policy}",
                 f"--audit-log-path={self.workdir / 'audit.log'}",
@@ -302,6 +349,27 @@ class LocalCluster:
             ],
         )
         self._wait_http(proc, f"{self.server}/readyz", mtls=True, accept=lambda body: body.strip() == "ok")
+
+    def _apiserver_network_flags(self) -> list[str]:
+        assert self._pki is not None
+        if self.plan is None:
+            # Fake nodes only: no ServiceAccount admission (as in envtest), no kubernetes endpoints, loopback Services.
+            return [f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
+                    "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
+                    "--endpoint-reconciler-type=none"]  # fmt: skip
+        # Real nodes: pods reach the API server at the bridge address (a relay, see _start_real_nodes) through the
+        # kubernetes Service; kubelets are authorised by the Node authorizer and dialled by IP, never by name.
+        return [
+            f"--service-cluster-ip-range={self.plan.service_cidr}",
+            f"--advertise-address={self.plan.host_ip}",
+            "--endpoint-reconciler-type=lease",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            "--allow-privileged=true",
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={self._pki.admin_cert}",
+            f"--kubelet-client-key={self._pki.admin_key}",
+        ]
 
     def _start_controllers(self) -> None:
         assert self._pki is not None
@@ -359,6 +427,82 @@ class LocalCluster:
             self.node_names = fake_nodes.create_nodes(
                 client.CoreV1Api(api), self.cfg.nodes, self.cfg.node_shape, timeout=self.cfg.ready_timeout
             )
+
+    # ---- real nodes ------------------------------------------------------------------------------------
+    def _start_real_nodes(self) -> None:
+        assert self.workdir is not None and self._pki is not None and self.plan is not None
+        plan, port = self.plan, self.ports["apiserver"]
+        self._spawn("apiserver-relay", ["socat", f"TCP-LISTEN:{port},bind={plan.host_ip},fork,reuseaddr",
+                                        f"TCP:127.0.0.1:{port}"])  # fmt: skip
+        self._cgroups = cgroups.new_tree(f"kubeplane-{os.getpid()}-{plan.slot}", self.workdir / CGROUP_MANIFEST)
+        self._cgroups.make()
+        bin_dirs = {name: result.directory for name, result in self._binaries.items()}
+        count = self.cfg.real_nodes
+        for index in range(count):
+            layout = nodeconfig.NodeLayout(
+                index=index,
+                name=realnode_name(index),
+                directory=self.workdir / "nodes" / realnode_name(index),
+                bin_dirs=bin_dirs,
+                plan=plan,
+                nodes=count,
+                cgroup_root=f"{self._cgroups.path}/node-{index}",
+            )
+            self.real_nodes.append(realnode.RealNode(
+                layout, self._pki, f"https://{plan.host_ip}:{port}", self._cgroups, self._spawn,
+                run_policy=self.cfg.network_policy, run_dns=index == 0))  # fmt: skip
+        for node in self.real_nodes:
+            node.start_namespaces()
+        realnode.add_host_routes(plan, count)
+        with self.api_client() as api:
+            for obj in nodeconfig.kube_dns_objects(plan, plan.node_ip(0)):
+                _create(api, obj)
+        for node in self.real_nodes:
+            node.write_configs()
+            node.start_containerd()
+            for image in self.images.values():
+                self.timings[f"import_{image.name}_{node.name}"] = node.import_image(image.archive)
+            node.start_node_daemons({nodeconfig.REAL_NODE_LABEL: "true"})
+        self._wait_real_nodes_ready()
+        for node in self.real_nodes:
+            node.start_addons()
+
+    def _wait_real_nodes_ready(self) -> None:
+        deadline = time.monotonic() + max(self.cfg.ready_timeout, 120)
+        names = {n.name for n in self.real_nodes}
+        last = "no node yet"
+        with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            while time.monotonic() < deadline:
+                for node in self.real_nodes:
+                    node.check_daemons()
+                ready = set()
+                for item in core.list_node(label_selector=f"{nodeconfig.REAL_NODE_LABEL}=true").items:
+                    conditions = {c.type: c for c in item.status.conditions or []}
+                    if conditions.get("Ready") and conditions["Ready"].status == "True":
+                        ready.add(item.metadata.name)
+                    elif conditions.get("Ready"):
+                        last = f"{item.metadata.name}: {conditions['Ready'].message}"
+                if ready >= names:
+                    return
+                time.sleep(0.3)
+        logs = "\n".join(p.log_tail(15) for n in self.real_nodes for p in n.daemons if "kubelet" in p.name)
+        raise ClusterStartError(f"real nodes not Ready ({last}):\n{logs}")
+
+    def node_exec(self, index: int, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside real node ``index``'s namespaces (tests inspect iptables, routes, containerd)."""
+        node = self.real_nodes[index]
+        return subprocess.run(node.nsenter(argv), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def realnode_name(index: int) -> str:
+    return f"real-{index}"
+
+
+def _create(api: client.ApiClient, obj: dict[str, Any]) -> None:
+    from kubernetes import utils
+
+    utils.create_from_dict(api, obj)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ def modules_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Git-ignored cache for built binaries and the CLI's cluster state."""
+    """Cache for built binaries, images and the CLI's cluster state: outside the checkout, so a fresh clone on a
+    warm machine rebuilds nothing (every entry is keyed by a hash of its inputs)."""
     override = os.environ.get("KUBEPLANE_CACHE")
-    return Path(override) if override else repo_root() / ".cache" / "kubeplane"
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubeplane"

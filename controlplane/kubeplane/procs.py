@@ -20,10 +20,29 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _prepare_child(cgroup_procs: Sequence[Path]) -> None:
+    """Before exec: die with the launcher, and join the given cgroups (so everything it forks is findable)."""
+    _die_with_parent()
+    pid = str(os.getpid()).encode()
+    for procs_file in cgroup_procs:
+        fd = os.open(procs_file, os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
 class ManagedProcess:
     """One component process with its own log; ``stop`` always leaves nothing running."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cgroup_procs: Sequence[Path] = (),
+    ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -35,7 +54,8 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, safe before exec
+            # Only prctl and a few writes: safe before exec.
+            preexec_fn=(lambda: _prepare_child(cgroup_procs)) if cgroup_procs else _die_with_parent,  # noqa: PLW1509
         )
 
     @property

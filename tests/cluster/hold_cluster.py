@@ -1,4 +1,7 @@
-"""Helper process for the launcher tests: start a one-node plane under a given parent dir, report, then wait."""
+"""Helper process for the launcher tests: start a plane under a given parent dir, report, then wait.
+
+``hold_cluster PARENT [REAL_NODES]``: one fake node, and REAL_NODES real ones (default none).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 from kubeplane import cluster
 
 if __name__ == "__main__":
-    with cluster.LocalCluster(cluster.ClusterConfig(nodes=1), workdir_parent=Path(sys.argv[1])) as local:
+    real = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    cfg = cluster.ClusterConfig(nodes=1, real_nodes=real)
+    with cluster.LocalCluster(cfg, workdir_parent=Path(sys.argv[1])) as local:
         print(f"READY {local.workdir}", flush=True)
         time.sleep(600)

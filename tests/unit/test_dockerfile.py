@@ -41,14 +41,23 @@ def global_args() -> dict[str, str]:
 
 def test_stages_bases_and_users() -> None:
     found = stages()
-    assert list(found) == ["", "wheel", "operator-venv", "operator", "runtime"]
+    assert list(found) == [
+        "",
+        "wheel",
+        "operator-venv",
+        "operator",
+        "runtime",
+        "local-python",
+        "operator-local",
+        "runtime-cpu",
+    ]
     args = global_args()
     for base in args.values():
         name, _, tag = base.rpartition(":")
-        assert name and re.fullmatch(r"v?\d+\.\d+\.\d+(-[a-z0-9-]+)?", tag), f"{base} is not pinned to a version"
+        assert name and re.fullmatch(r"v?\d+\.\d+(\.\d+)?(-[a-z0-9-]+)?", tag), f"{base} is not pinned to a version"
     vllm_pin = re.search(r'"vllm==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert vllm_pin and args["VLLM_IMAGE"].endswith(f":v{vllm_pin.group(1)}")  # the engines' vLLM = the tested one
-    for final in ("operator", "runtime"):
+    for final in ("operator", "runtime", "operator-local", "runtime-cpu"):
         body = found[final]
         users = [i["value"] for i in body if i["instruction"] == "USER"]
         assert users and users[-1].split(":")[0] not in ("root", "0"), f"{final} runs as root"
@@ -58,6 +67,8 @@ def test_stages_bases_and_users() -> None:
     for stage, body in found.items():
         for copy in (i["value"] for i in body if i["instruction"] == "COPY" and "--from=" in i["value"]):
             source = copy.split("--from=")[1].split()[0]
+            if source == "pyenv":  # the local variants' named context (an environment tree), not a stage
+                continue
             assert list(found).index(source) < list(found).index(stage), f"{stage} copies from later stage {source}"
 
 
