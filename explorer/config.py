@@ -77,6 +77,9 @@ class WorkflowSpec(WireModel):
     max_tokens: int = Field(default=1024, ge=1, description="Maximum generated tokens per response.")
 
 
+StepTimeoutPolicy = Literal["commit", "wait"]
+
+
 class ExploreSpec(WireModel):
     """The explore schedule (the seed's buffer/explorer settings)."""
 
@@ -85,6 +88,12 @@ class ExploreSpec(WireModel):
     total_steps: int = Field(default=100, ge=1, description="Steps to explore before the job succeeds.")
     eval_interval: int = Field(default=0, ge=0, description="Evaluate every N steps (0: never).")
     eval_tasksets: list[TasksetSpec] = Field(default_factory=list, description="Tasksets to evaluate on.")
+    on_step_timeout: StepTimeoutPolicy = Field(
+        default="commit",
+        description="When a step's wait (taskTimeoutSeconds x (maxRetryTimes + 1)) expires: commit the tasks that "
+        "finished and record the missing ones (the step's manifest entry, the status report's missingTasks), or "
+        "wait for every task (each attempt is still bounded by taskTimeoutSeconds).",
+    )
 
 
 SyncMethod = Literal["nccl", "gloo", "checkpoint"]

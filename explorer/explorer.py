@@ -1,13 +1,16 @@
 """The Explorer: the seed's explore → eval → sync timeline over the scheduler, with resumable state.
 
 Each step takes ``batch_size`` tasks from the taskset (cycling through it), collects their experiences, commits them
-to the sink and then records ``(step, cursor)``; the next step is already queued while one is collected, except
-across a sync boundary; a restarted coordinator resumes after the last committed step, so no
-step is lost or written twice. Evaluation runs every ``eval_interval`` steps as batch ``"{step}/{taskset}"``. Sync
-boundaries follow ``sync.interval``/``sync.offset``. With a ``SyncCoordinator`` (the coordinator's weight-sync side)
-the style decides how far exploring may run ahead of the trainer: ``fixed`` waits at every boundary for the
-trainer's next push, ``async`` lets it run ``maxPolicyLag`` boundaries ahead, ``trainer_driven`` never waits. Each
-experience records the policy version its step started on and every version applied while it ran.
+to the sink and then records ``(step, cursor)``, both written durably in a worker thread (the event loop keeps
+dispatching and serving the status and sync APIs); the next step is already queued while one is collected, except
+across a sync boundary; a restarted coordinator resumes after the last committed step, so no step is lost or written
+twice. A step whose wait expires is committed with the tasks that finished, its missing tasks named in the manifest
+and counted in the status report, or (``explore.onStepTimeout: wait``) waited for. Evaluation runs every
+``eval_interval`` steps as batch ``"{step}/{taskset}"``. Sync boundaries follow ``sync.interval``/``sync.offset``.
+With a ``SyncCoordinator`` (the coordinator's weight-sync side) the style decides how far exploring may run ahead of
+the trainer: ``fixed`` waits at every boundary for the trainer's next push, ``async`` lets it run ``maxPolicyLag``
+boundaries ahead, ``trainer_driven`` never waits. Each experience records the policy version its step started on and
+every version applied while it ran.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import tempfile
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import httpx
 
 from explorer import config as explorer_config
 from explorer import scheduler as scheduler_mod
-from explorer import sink, status_api, taskset
+from explorer import sink, status_api, taskset, workflow_runner
 from explorer.experience import Experience
 from explorer.weight_sync import protocol
 from explorer.weight_sync.rendezvous import SyncCoordinator
@@ -45,12 +47,7 @@ class ExplorerState:
 
 
 def _save_state(directory: Path, state: ExplorerState) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(dataclasses.asdict(state), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / STATE_FILE)
+    sink.write_durably(directory / STATE_FILE, json.dumps(dataclasses.asdict(state)).encode())
 
 
 def load_state(directory: Path) -> ExplorerState:
@@ -139,19 +136,21 @@ class Explorer:
                     submitted += 1
                     marks[submitted] = (self._served_version(), len(self._applied_versions))
                     sched.schedule(self._batch(tasks, state.cursor + (submitted - step) * size), batch_id=submitted)
-                statuses, experiences = await sched.get_results(step)
+                statuses, experiences, missing = await self._collect(sched, step)
                 start_version = self._stamp_versions(experiences, *marks.pop(step))
-                self.sink.commit(step, experiences, start_version)
+                # Blocking writes with fsyncs: off the loop, which keeps dispatching and serving the APIs.
+                await asyncio.to_thread(self.sink.commit, step, experiences, start_version, missing)
                 written += len(experiences)
                 failed = sum(1 for s in statuses if not s.ok)
                 step_metrics = sched.metrics.get(step, {})
                 rate = step_metrics.get("experiences_per_second")
                 self.report = self.report.model_copy(update={
                     "experiences": written, "failed_tasks": self.report.failed_tasks + failed,
+                    "missing_tasks": self.report.missing_tasks + len(missing),
                     "experiences_per_second": rate})  # fmt: skip
                 state = ExplorerState(step, state.cursor + size)
-                _save_state(self.sink.directory, state)
-                metrics = {**step_metrics, "failed_tasks": failed}
+                await asyncio.to_thread(_save_state, self.sink.directory, state)
+                metrics = {**step_metrics, "failed_tasks": failed, "missing_tasks": len(missing)}
                 if experiences:
                     metrics["reward_mean"] = sum(e.reward for e in experiences) / len(experiences)
                 await self._evaluate(sched, step, evals)
@@ -188,6 +187,25 @@ class Explorer:
             exp.policy_versions = list(during)
         return start_version
 
+    async def _collect(
+        self, sched: scheduler_mod.Scheduler, batch_id: scheduler_mod.BatchId
+    ) -> tuple[list[workflow_runner.Status], list[Experience], list[int]]:
+        """A batch's results and the ids of the tasks it goes without: when its wait expires, either those that
+        finished (``explore.onStepTimeout: commit``) or, after a warning, every one (``wait``)."""
+        waits = self.config.explore.on_step_timeout == "wait"
+        statuses, experiences = await sched.get_results(batch_id, clear_timeout_tasks=not waits)
+        if waits and sched.has_step(batch_id):
+            log.warning("batch %s: tasks still running when its wait expired; waiting for them (onStepTimeout: wait)",
+                        batch_id)  # fmt: skip
+            self.report = self.report.model_copy(update={"message": f"batch {batch_id}: waiting past its timeout"})
+            more_statuses, more_experiences = await sched.get_results(batch_id, timeout=math.inf)
+            statuses, experiences = statuses + more_statuses, experiences + more_experiences
+        missing = sorted(sched.cleared.pop(batch_id, []))
+        if missing:
+            log.warning("batch %s: committed without %d tasks whose wait expired: task ids %s",
+                        batch_id, len(missing), missing)  # fmt: skip
+        return statuses, experiences, missing
+
     async def _evaluate(self, sched: scheduler_mod.Scheduler, step: int, evals: list[tuple[str, list[Task]]]) -> None:
         interval = self.config.explore.eval_interval
         if not interval or step % interval:
@@ -195,9 +213,10 @@ class Explorer:
         for name, tasks in evals:
             batch_id = f"{step}/{name}"
             sched.schedule(tasks, batch_id=batch_id)
-            _, experiences = await sched.get_results(batch_id)
+            _, experiences, missing = await self._collect(sched, batch_id)
             rewards = [e.reward for e in experiences]
-            self.eval_metrics[batch_id] = {"reward_mean": sum(rewards) / len(rewards) if rewards else 0.0}
+            self.eval_metrics[batch_id] = {"reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+                                           "missing_tasks": float(len(missing))}  # fmt: skip
 
     async def _at_boundary(self, step: int, boundaries: int, lag: int | None) -> None:
         """A sync boundary: hand over to the hook, or wait until the trainer is at most ``lag`` pushes behind."""

@@ -3,9 +3,12 @@
 No polling: ``schedule`` pushes sub-tasks onto a priority heap (batch-id order, retries first) and wakes the
 dispatcher, which hands each to the next idle runner; completions wake ``get_results`` waiters directly. Each attempt
 gets exactly ``task_timeout_seconds``; a timed-out attempt is cancelled on the runner (its engine request aborted)
-and retried on another runner; a crashed runner actor is replaced and its sub-task retried; nothing is dropped.
-The scheduler also chooses each sub-task's rollout engine (``engine_load``: least outstanding across the whole job,
-engines a runner saw fail avoided for a while) and passes the choice to the runner with the sub-task.
+and retried on another runner; a crashed runner actor is replaced and its sub-task retried; any other runner error
+(a failed replacement, a lost object) fails the attempt, which is retried or recorded: nothing is dropped.
+``get_results(min_num=k)`` waits for ``k`` results not yet collected and returns at most ``k``; a batch cleared at a
+timeout forgets its unfinished tasks (their ids go to ``cleared``), keeps its finished results collectable, and its
+id can be scheduled again. The scheduler also chooses each sub-task's rollout engine (``engine_load``: least
+outstanding across the whole job, engines a runner saw fail avoided for a while) and passes the choice to the runner.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,10 +26,15 @@ from typing import Protocol
 from explorer import config as explorer_config
 from explorer import engine_load
 from explorer.experience import Experience
-from explorer.workflow_runner import ModelRef, Status, WorkflowRunner
+from explorer.workflow_runner import ModelRef, Status, WorkflowRunner, mean_over_runs
 from explorer.workflows import Task
 
+log = logging.getLogger(__name__)
 BatchId = int | str
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:2000]
 
 
 def batch_key(batch_id: BatchId) -> tuple[float, int, str]:
@@ -112,10 +121,12 @@ class RayRunner:
             ray.cancel(ref)
             raise
         except ray.exceptions.RayActorError as err:
-            await self.host.restart(generation)
-            return Status(
-                False, {}, f"runner process {self.host.host_id} died and was replaced: {type(err).__name__}"
-            ), []
+            died = f"runner process {self.host.host_id} died ({type(err).__name__})"
+            try:  # bounded like an attempt: a replacement that never becomes ready must not hold the sub-task
+                await asyncio.wait_for(self.host.restart(generation), timeout)
+            except Exception as failed:  # the next attempt that finds it dead tries again
+                return Status(False, {}, f"{died} and could not be replaced: {_describe(failed)}"), []
+            return Status(False, {}, f"{died} and was replaced"), []
 
     async def restart(self) -> None:
         await self.host.restart(self.host.generation)
@@ -140,7 +151,13 @@ class RunnerWrapper:
         self.backend = backend or RayRunner(ActorHost(runner_id, config, rollout_model, auxiliary_models or []))
 
     async def run_once(self, task: TaskWrapper) -> tuple[Status, list[Experience]]:
-        return await self.backend.run(task, self.config.scheduler.task_timeout_seconds)
+        """One attempt; never raises but ``CancelledError``: every runner error is the attempt's failed outcome."""
+        try:
+            status, experiences = await self.backend.run(task, self.config.scheduler.task_timeout_seconds)
+        except Exception as err:  # e.g. ObjectLostError, a RayTaskError: retried or recorded, never dropped
+            log.warning("runner %s failed a sub-task of batch %s: %s", self.runner_id, task.batch_id, _describe(err))
+            return Status(False, {}, f"runner {self.runner_id} failed: {_describe(err)}"), []
+        return status, list(experiences)
 
     async def run_with_retry(self, task: TaskWrapper) -> tuple[Status, list[Experience], int]:
         status, experiences = Status(False, {}, "not run"), list[Experience]()
@@ -153,37 +170,39 @@ class RunnerWrapper:
 
 @dataclasses.dataclass
 class _TaskResult:
+    task_id: int
     subtasks: int
-    statuses: list[Status] = dataclasses.field(default_factory=list)
+    runs: list[tuple[Status, int]] = dataclasses.field(default_factory=list)  # (final status, runs) per sub-task
     experiences: list[Experience] = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.monotonic)
     finished: float | None = None
 
     def combined(self) -> Status:
-        ok = all(s.ok for s in self.statuses)
-        keys = {k for s in self.statuses for k in s.metric}
-        metric = {k: sum(s.metric.get(k, 0.0) for s in self.statuses) / len(self.statuses) for k in keys}
-        errors = [s.message for s in self.statuses if not s.ok and s.message]
-        ok_runs = sum(1 for s in self.statuses if s.ok)
-        message = (
-            None
-            if ok
-            else f"{ok_runs}/{len(self.statuses)} sub-tasks succeeded. First error: {errors[0] if errors else '?'}"
-        )
-        return Status(ok, metric, message)
+        """Ok when every sub-task is; each metric a mean over runs, however the task's repeats were split."""
+        statuses = [s for s, _ in self.runs]
+        ok = all(s.ok for s in statuses)
+        errors = [s.message for s in statuses if not s.ok and s.message]
+        succeeded = f"{sum(s.ok for s in statuses)}/{len(statuses)} sub-tasks succeeded"
+        message = None if ok else f"{succeeded}. First error: {errors[0] if errors else '?'}"
+        return Status(ok, mean_over_runs([(s.metric, n) for s, n in self.runs]), message)
 
 
 @dataclasses.dataclass
 class _Batch:
     batch_id: BatchId
     tasks: dict[int, _TaskResult] = dataclasses.field(default_factory=dict)
-    done: list[int] = dataclasses.field(default_factory=list)
-    collected: int = 0
+    done: list[int] = dataclasses.field(default_factory=list)  # indices of finished tasks, in finishing order
+    collected: int = 0  # how many of ``done`` get_results has returned
+    collected_experiences: int = 0
+    next_index: int = 0
     running: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     cancelled: bool = False
     retries: int = 0
     failures: int = 0
+
+    def uncollected(self) -> int:
+        return len(self.done) - self.collected
 
 
 class Scheduler:
@@ -216,6 +235,7 @@ class Scheduler:
         self._batches: dict[BatchId, _Batch] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self.metrics: dict[BatchId, dict[str, float]] = {}
+        self.cleared: dict[BatchId, list[int]] = {}  # task ids a timeout cleared before they finished, per batch
         group = rollout_model if isinstance(rollout_model, explorer_config.EngineGroupConfig) else None
         self.engine_load = engine_load.EngineLoad(len(group.engines)) if group and group.engines else None
 
@@ -229,8 +249,9 @@ class Scheduler:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        for batch in self._batches.values():
+        for batch in list(self._batches.values()):
             self._cancel(batch)
+        self._batches.clear()
         await asyncio.gather(*(r.backend.close() for r in self.runners), return_exceptions=True)
         await asyncio.gather(*(host.close() for host in self.hosts), return_exceptions=True)
 
@@ -246,10 +267,10 @@ class Scheduler:
     def schedule(self, tasks: Sequence[Task], batch_id: BatchId) -> None:
         """Queue ``tasks`` as batch ``batch_id`` (an int, or a string starting with an int); never blocks."""
         batch = self._batches.setdefault(batch_id, _Batch(batch_id))
-        offset = len(batch.tasks)
-        for index, task in enumerate(tasks, start=offset):
+        for task in tasks:
+            index, batch.next_index = batch.next_index, batch.next_index + 1
             subtasks = self._split(task, batch_id, index)
-            batch.tasks[index] = _TaskResult(subtasks=len(subtasks))
+            batch.tasks[index] = _TaskResult(task.task_id, subtasks=len(subtasks))
             for sub in subtasks:
                 self._push(sub, batch, retry=False)
         self._wake.set()
@@ -275,7 +296,7 @@ class Scheduler:
         if self.engine_load is not None:  # here, not in _dispatch: a job cancelled before it starts holds nothing
             sub.engine_order = self.engine_load.acquire(time.monotonic())
         try:
-            status, experiences = await runner.run_once(sub)
+            status, experiences = await runner.run_once(sub)  # raises nothing but CancelledError
         finally:
             self._idle.put_nowait(runner)
             if self.engine_load is not None and sub.engine_order:
@@ -293,12 +314,12 @@ class Scheduler:
         for exp in experiences:
             exp.batch_id = str(sub.batch_id)
         result = batch.tasks[sub.index]
-        result.statuses.append(status)
+        result.runs.append((status, sub.repeat_times))
         result.experiences.extend(experiences)
-        if len(result.statuses) == result.subtasks:
+        if len(result.runs) == result.subtasks:
             result.finished = time.monotonic()
             batch.done.append(sub.index)
-            if not all(s.ok for s in result.statuses):
+            if not all(s.ok for s, _ in result.runs):
                 batch.failures += 1
             batch.changed.set()
 
@@ -308,10 +329,34 @@ class Scheduler:
         return sched.task_timeout_seconds * (sched.max_retry_times + 1)
 
     def _cancel(self, batch: _Batch) -> None:
+        """Stop the batch's work: running attempts cancelled (on the runners too), queued sub-tasks dropped."""
         batch.cancelled = True
         for job in list(batch.running):
             job.cancel()
+        if any(entry[-1] is batch for entry in self._pending):
+            self._pending = [entry for entry in self._pending if entry[-1] is not batch]
+            heapq.heapify(self._pending)
         batch.changed.set()
+
+    def _forget(self, batch: _Batch) -> None:
+        if self._batches.get(batch.batch_id) is batch:
+            del self._batches[batch.batch_id]
+
+    def _clear(self, batch: _Batch) -> None:
+        """Cancel and forget the batch's unfinished tasks (their ids go to ``cleared``); finished results not yet
+        collected move to a fresh batch of the same id, so they stay collectable and the id can be scheduled again."""
+        self._cancel(batch)
+        self._forget(batch)
+        unfinished = sorted(r.task_id for r in batch.tasks.values() if r.finished is None)
+        if unfinished:
+            self.cleared.setdefault(batch.batch_id, []).extend(unfinished)
+            log.warning("batch %s: cleared %d unfinished tasks at a timeout", batch.batch_id, len(unfinished))
+        left = batch.done[batch.collected :]
+        if left:
+            self._batches[batch.batch_id] = _Batch(
+                batch.batch_id, tasks={i: batch.tasks[i] for i in left}, done=list(left),
+                next_index=batch.next_index, retries=batch.retries, failures=batch.failures,
+            )  # fmt: skip
 
     async def get_results(
         self,
@@ -320,44 +365,58 @@ class Scheduler:
         timeout: float | None = None,
         clear_timeout_tasks: bool = True,
     ) -> tuple[list[Status], list[Experience]]:
-        """Wait for the batch's tasks (or ``min_num`` of them); return and drain the completed ones."""
+        """Wait for the batch's uncollected tasks (or ``min_num`` of them), then return and drain the finished ones
+        (at most ``min_num``). ``timeout``: seconds (``math.inf``: no limit; None: the default, one task's attempts);
+        when it expires, ``clear_timeout_tasks`` cancels the batch's unfinished tasks."""
         batch = self._batches.get(batch_id)
         if batch is None:
             return [], []
-        want = len(batch.tasks) if min_num is None else min(min_num, len(batch.tasks))
+        open_tasks = len(batch.tasks) - batch.collected
+        want = open_tasks if min_num is None else max(0, min(min_num, open_tasks))
         deadline = time.monotonic() + (timeout if timeout is not None else self._default_timeout())
-        while len(batch.done) < want and not batch.cancelled:
+        while batch.uncollected() < want and not batch.cancelled:
             batch.changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(batch.changed.wait(), remaining)
+                await asyncio.wait_for(batch.changed.wait(), None if math.isinf(remaining) else remaining)
             except TimeoutError:
                 break
-        timed_out = len(batch.done) < want
-        if timed_out and clear_timeout_tasks:
-            self._cancel(batch)
-        fresh = batch.done[batch.collected :]
-        batch.collected = len(batch.done)
+        timed_out = batch.uncollected() < want
+        if batch.cancelled:  # cleared meanwhile (wait_all): what had finished is in a fresh batch
+            replacement = self._batches.get(batch_id)
+            if replacement is None:
+                return [], []
+            batch, timed_out = replacement, False
+        end = len(batch.done) if min_num is None else min(len(batch.done), batch.collected + max(0, min_num))
+        fresh = batch.done[batch.collected : end]
+        batch.collected = end
         statuses = [batch.tasks[i].combined() for i in fresh]
         experiences = [e for i in fresh for e in batch.tasks[i].experiences]
-        self._record_metrics(batch, fresh, len(experiences))
-        if batch.cancelled or batch.collected == len(batch.tasks):
-            self._batches.pop(batch_id, None)
+        for i in fresh:
+            batch.tasks[i].experiences = []  # the caller's now
+        batch.collected_experiences += len(experiences)
+        self._record_metrics(batch)
+        if timed_out and clear_timeout_tasks:
+            self._clear(batch)  # nothing finished is left behind: a timeout returns every finished result
+        elif batch.collected == len(batch.tasks):
+            self._forget(batch)
         return statuses, experiences
 
-    def _record_metrics(self, batch: _Batch, indices: list[int], experiences: int) -> None:
-        latencies = sorted(r.finished - r.started for i in indices if (r := batch.tasks[i]).finished is not None)
-        if not latencies:
+    def _record_metrics(self, batch: _Batch) -> None:
+        """The batch's figures over every task collected so far."""
+        results = [batch.tasks[i] for i in batch.done[: batch.collected]]
+        finished = [r.finished for r in results if r.finished is not None]
+        if not finished:
             return
-        span = max(r.finished for i in indices if (r := batch.tasks[i]).finished) - min(
-            batch.tasks[i].started for i in indices
-        )
+        latencies = sorted(f - r.started for r in results if (f := r.finished) is not None)
+        span = max(finished) - min(r.started for r in results)
+        tasks, experiences = len(results), batch.collected_experiences
         self.metrics[batch.batch_id] = {
-            "tasks": len(indices),
+            "tasks": tasks,
             "experiences": experiences,
-            "tasks_per_second": len(indices) / span if span > 0 else float(len(indices)),
+            "tasks_per_second": tasks / span if span > 0 else float(tasks),
             "experiences_per_second": experiences / span if span > 0 else float(experiences),
             "latency_p50": latencies[len(latencies) // 2],
             "latency_p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
@@ -367,7 +426,7 @@ class Scheduler:
 
     async def wait_all(self, timeout: float | None = None, clear_timeout_tasks: bool = True) -> None:
         """Wait until every scheduled task finished (results stay collectable); TimeoutError when none finishes
-        within ``timeout``."""
+        within ``timeout``, after clearing the unfinished tasks if ``clear_timeout_tasks``."""
         limit = timeout if timeout is not None else self._default_timeout()
         while True:
             open_batches = [b for b in self._batches.values() if not b.cancelled and len(b.done) < len(b.tasks)]
@@ -376,13 +435,15 @@ class Scheduler:
             waiters = [asyncio.create_task(b.changed.wait()) for b in open_batches]
             for b in open_batches:
                 b.changed.clear()
-            finished, pending = await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            finished, pending = await asyncio.wait(
+                waiters, timeout=None if math.isinf(limit) else limit, return_when=asyncio.FIRST_COMPLETED
+            )
             for waiter in pending:
                 waiter.cancel()
             if not finished:
                 if clear_timeout_tasks:
                     for b in open_batches:
-                        self._cancel(b)
+                        self._clear(b)
                 raise TimeoutError(f"no task finished within {limit:g}s")
 
     def has_step(self, batch_id: BatchId) -> bool:

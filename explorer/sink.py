@@ -1,8 +1,10 @@
-"""Experience sink: one file per explore step, committed atomically, listed in a manifest the trainer reads.
+"""Experience sink: one file per explore step, committed durably, listed in a manifest the trainer reads.
 
-A step's experiences are written to a temporary file, fsynced and renamed into place, then the manifest (also
-written by rename) gains the step: a reader never sees half a step, and a step already in the manifest is never
-written again — so every (step, task, run) lands exactly once, also when the coordinator restarts mid-step.
+A step's experiences are written to a temporary file, fsynced, renamed into place and the directory fsynced (the
+rename itself survives a power cut), then the manifest, written the same way, gains the step: a reader never sees
+half a step, and a step already in the manifest is never written again — so every (step, task, run) lands exactly
+once, also when the coordinator restarts mid-step. A step committed short names its missing tasks in the manifest.
+Writes block: the explorer runs them off its event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from explorer.experience import Experience
 MANIFEST = "manifest.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the renames and creations in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably: temporary file, fsync, rename, fsync of the directory."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -30,6 +42,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{**r, "info": json.dumps(r["info"])} for r in records]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    data: bytes = buffer.getvalue().to_pybytes()
+    return data
 
 
 class ExperienceSink:
@@ -50,30 +74,28 @@ class ExperienceSink:
     def committed_steps(self) -> set[int]:
         return {int(step) for step in self.manifest()["steps"]}
 
-    def commit(self, step: int, experiences: Sequence[Experience], policy_version: int | None = None) -> bool:
-        """Write step ``step`` once; False (and nothing written) when it is already committed."""
+    def commit(
+        self,
+        step: int,
+        experiences: Sequence[Experience],
+        policy_version: int | None = None,
+        missing_tasks: Sequence[int] = (),
+    ) -> bool:
+        """Write step ``step`` once; False (and nothing written) when it is already committed. ``missing_tasks``:
+        the task ids the step was committed without (its wait expired), listed in its manifest entry."""
         manifest = self.manifest()
         if str(step) in manifest["steps"]:
             return False
         name = f"step-{step:08d}.{'parquet' if self.format == 'parquet' else 'jsonl'}"
         records = [e.to_record() for e in experiences]
         if self.format == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.directory)
-            os.close(fd)
-            try:
-                rows = [{**r, "info": json.dumps(r["info"])} for r in records]
-                pq.write_table(pa.Table.from_pylist(rows), tmp)
-                os.replace(tmp, self.directory / name)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            body = _parquet_bytes(records)
         else:
             body = "".join(json.dumps(r) + "\n" for r in records).encode()
-            _atomic_write(self.directory / name, body)
-        manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version}
-        _atomic_write(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_durably(self.directory / name, body)
+        manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version,
+                                        "missingTasks": sorted(missing_tasks)}  # fmt: skip
+        write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
         return True
 
     def read_step(self, step: int) -> list[Experience]:

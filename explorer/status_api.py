@@ -41,6 +41,9 @@ class CoordinatorReport(WireModel):
     ray_nodes: int | None = Field(default=None, ge=0, description="Alive Ray nodes: the coordinator + CPU workers.")
     experiences: int = Field(default=0, ge=0, description="Experiences committed by this coordinator run.")
     failed_tasks: int = Field(default=0, ge=0, description="Tasks that failed after every retry, this run.")
+    missing_tasks: int = Field(
+        default=0, ge=0, description="Tasks left out of committed steps because the step's wait expired, this run."
+    )
     experiences_per_second: float | None = Field(default=None, description="Throughput of the last step.")
     message: str = ""
 

@@ -4,7 +4,8 @@ Seed API: ``WorkflowRunner(config, model, auxiliary_models=None, runner_id=None)
 ``run_task(task, repeat_times=1, run_id_base=0) -> (Status, list[Experience])``. Differences: ``model`` may be an
 engine group's config (URLs), from which the actor builds its own ``EnginePool`` — HTTP clients do not travel
 between processes; ``run_task`` also takes the scheduler's ``engine_order`` for the task and reports the engines
-that failed it in ``Status.failed_engines``.
+that failed it in ``Status.failed_engines``. A run is complete when at least one experience carries its run id (a
+step-wise agent returns one per turn), and ``Status.metric`` holds means over runs (each run's own mean first).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from explorer import config, inference, workflows
 from explorer.experience import Experience
@@ -20,7 +21,7 @@ from explorer.experience import Experience
 
 @dataclasses.dataclass
 class Status:
-    """The outcome of running a task: ``ok`` when every run completed."""
+    """The outcome of running a task: ``ok`` when every run completed; ``metric``: means over its runs."""
 
     ok: bool
     metric: dict[str, float]
@@ -29,6 +30,36 @@ class Status:
 
 
 ModelRef = inference.InferenceModel | config.EngineGroupConfig
+
+
+def mean_over_runs(parts: Sequence[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """Each metric's mean over runs; ``parts`` are (metrics, runs they stand for). A part without a metric does not
+    count for it (a failed sub-task has no reward)."""
+    keys = sorted({key for metric, _ in parts for key in metric})
+    means: dict[str, float] = {}
+    for key in keys:
+        weighed = [(metric[key], runs) for metric, runs in parts if key in metric]
+        total = sum(runs for _, runs in weighed)
+        means[key] = sum(value * runs for value, runs in weighed) / total if total else 0.0
+    return means
+
+
+def compute_runs(
+    experiences: Sequence[Experience], repeat_times: int, run_id_base: int
+) -> tuple[list[int], dict[str, float]]:
+    """The run ids of ``run_id_base .. run_id_base + repeat_times - 1`` without an experience, and the metrics as
+    means over runs: each run's own mean first, however many experiences (turns) it produced."""
+    by_run: dict[int, list[Experience]] = {}
+    for exp in experiences:
+        by_run.setdefault(exp.run_id, []).append(exp)
+    missing = [run for run in range(run_id_base, run_id_base + repeat_times) if run not in by_run]
+    per_run = [
+        ({"reward_mean": sum(e.reward for e in exps) / len(exps),
+          "response_length_mean": sum(e.response_length for e in exps) / len(exps),
+          "experiences_per_run": float(len(exps))}, 1)
+        for exps in by_run.values()
+    ]  # fmt: skip
+    return missing, mean_over_runs(per_run)
 
 
 def _model(ref: ModelRef, first: int) -> inference.InferenceModel:
@@ -69,17 +100,11 @@ class WorkflowRunner:
         except Exception as err:  # any workflow failure is the task's outcome, never the runner's death
             message = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
             return Status(False, {"run_seconds": time.monotonic() - started}, message, _failed(model)), []
-        rewards = [e.reward for e in experiences]
-        metric = {
-            "run_seconds": time.monotonic() - started,
-            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-            "response_length_mean": (sum(e.response_length for e in experiences) / len(experiences))
-            if experiences
-            else 0.0,
-        }
-        ok = len(experiences) == repeat_times
-        incomplete = None if ok else f"{len(experiences)}/{repeat_times} runs completed"
-        return Status(ok, metric, incomplete, _failed(model)), experiences
+        missing, metric = compute_runs(experiences, repeat_times, run_id_base)
+        metric["run_seconds"] = time.monotonic() - started
+        done = repeat_times - len(missing)
+        incomplete = f"{done}/{repeat_times} runs completed (no experience for run ids {missing})"
+        return Status(not missing, metric, incomplete if missing else None, _failed(model)), experiences
 
     def ping(self) -> int | None:
         return self.runner_id

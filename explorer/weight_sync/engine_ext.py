@@ -30,7 +30,7 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-from explorer.weight_sync import protocol
+from explorer.weight_sync import checkpoint_dir, protocol
 
 # A child of vLLM's logger, so these lines land in the engine's log with vLLM's own.
 log = logging.getLogger("vllm.explorer.weight_sync")
@@ -315,9 +315,13 @@ class WorkerExtension:
         staging = self._ext_staging()
         return {"incarnation": staging.incarnation if staging else "", "active": bool(self._weight_update_active)}
 
+    def ext_model_dtype(self) -> str:
+        """The dtype this engine serves (what ``auto`` resolved to): floating tensors must arrive in it."""
+        return protocol.dtype_name(self.model_config.dtype)
+
     def ext_validate(self, metas_json: str) -> list[str]:
         metas = [protocol.TensorMeta.model_validate(m) for m in json.loads(metas_json)]
-        return protocol.check_metadata(metas, checkpoint_index(self.model_config.model))
+        return protocol.check_metadata(metas, checkpoint_index(self.model_config.model), self.ext_model_dtype())
 
     def ext_abort_update(self) -> bool:
         """Drop a push that will not be finished: staged tensors are discarded, the model is untouched."""
@@ -329,11 +333,16 @@ class WorkerExtension:
             self.weight_transfer_engine.reset_weight_update_target()
         return True
 
-    def ext_load_checkpoint(self, directory: str) -> dict[str, Any]:
-        """The checkpoint method: validate, read the whole directory, then apply (same all-or-nothing rule)."""
+    def ext_load_checkpoint(self, directory: str, root: str = "") -> dict[str, Any]:
+        """The checkpoint method: validate, read the whole directory, then apply (same all-or-nothing rule).
+
+        With ``root`` (``sync.checkpointPath``) the directory is confined to it again here, where it is read.
+        """
+        if root:
+            directory = str(checkpoint_dir.confine(directory, root))
         index = checkpoint_index(directory)
         metas = [protocol.TensorMeta(name=n, dtype=d, shape=s) for n, (d, s) in index.items()]
-        problems = protocol.check_metadata(metas, checkpoint_index(self.model_config.model))
+        problems = protocol.check_metadata(metas, checkpoint_index(self.model_config.model), self.ext_model_dtype())
         if problems:
             raise ValueError("; ".join(problems))
         weights = read_checkpoint(directory)

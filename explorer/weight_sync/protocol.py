@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -33,12 +33,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def is_floating(dtype: str) -> bool:
+    """Whether ``dtype`` names a floating type we can send (False for names outside ``DTYPES``)."""
+    known = DTYPES.get(dtype)
+    return known is not None and known.is_floating_point
+
+
 class TensorMeta(WireModel):
     """One tensor of the state dict as the trainer will send it."""
 
     name: str = Field(min_length=1)
     dtype: str
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0)]]
 
     @property
     def nbytes(self) -> int:
@@ -56,7 +62,7 @@ def on_wire(metas: Sequence[TensorMeta], dtype: str | None) -> list[TensorMeta]:
     """``metas`` as sent: floating tensors cast to the rollout ``dtype`` (None: as they are)."""
     if dtype is None:
         return list(metas)
-    return [m.model_copy(update={"dtype": dtype}) if DTYPES[m.dtype].is_floating_point else m for m in metas]
+    return [m.model_copy(update={"dtype": dtype}) if is_floating(m.dtype) else m for m in metas]
 
 
 def chunks(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
@@ -109,10 +115,14 @@ def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[
         raise ValueError(f"chunk holds {buffer.numel()} bytes but its tensors need {offset}")
 
 
-def check_metadata(metas: Sequence[TensorMeta], expected: Mapping[str, tuple[str, list[int]]]) -> list[str]:
+def check_metadata(
+    metas: Sequence[TensorMeta], expected: Mapping[str, tuple[str, list[int]]], served_dtype: str | None = None
+) -> list[str]:
     """Problems with ``metas`` against the engine's checkpoint (name → (dtype, shape)), each naming its tensor.
 
-    Shapes must match exactly; dtypes may differ between floating types (the engine casts into its own).
+    Shapes and dtypes must match exactly: a floating tensor must come in ``served_dtype`` (the dtype the engine
+    serves, which the trainer casts to; default: the checkpoint's), any other in the checkpoint's dtype. Engines
+    stage what the metadata declares, so a wider dtype (float64 for a bf16 model) would cost each of them 4x.
     """
     problems: list[str] = []
     seen: set[str] = set()
@@ -127,9 +137,11 @@ def check_metadata(metas: Sequence[TensorMeta], expected: Mapping[str, tuple[str
             problems.append(f"tensor {meta.name!r} is not a weight of the served model")
             continue
         want_dtype, want_shape = expected[meta.name]
+        if served_dtype is not None and is_floating(want_dtype):
+            want_dtype = served_dtype
         if list(meta.shape) != list(want_shape):
             problems.append(f"tensor {meta.name!r} has shape {meta.shape}, the served model's is {list(want_shape)}")
-        elif DTYPES[meta.dtype].is_floating_point != DTYPES.get(want_dtype, torch.float32).is_floating_point:
+        elif meta.dtype != want_dtype:
             problems.append(f"tensor {meta.name!r} has dtype {meta.dtype}, the served model's is {want_dtype}")
     missing = [name for name in expected if name not in seen]
     if missing:
@@ -172,7 +184,7 @@ class GroupInfo(WireModel):
     world_size: int
     bucket_bytes: int
     timeout_seconds: float
-    dtype: str | None = Field(default=None, description="Rollout dtype to cast floating tensors to before sending.")
+    dtype: str | None = Field(default=None, description="Served dtype: floating tensors are cast to it before sending.")
     checkpoint_path: str | None = None
 
 

@@ -1,13 +1,17 @@
 """The coordinator's side of weight sync: hosts the group store, serves the trainer's control API, drives engines.
 
-A trainer reaches this API at the job's ``status.sync.address``. ``POST /v1/sync/group`` validates the state-dict
-metadata against every engine, opens a **fresh store** for this group incarnation (a new port, so no stale keys),
-and has every engine join at its rank; the trainer joins as rank 0 with the returned address string, which is the
-one string every side uses. ``POST /v1/sync/push`` starts a push: engines receive the whole state dict into a side
-buffer, and only when every engine has all of it does the coordinator apply it (pause → finish → reset prefix cache
-→ resume). If any engine fails to receive (the trainer died, a timeout), every engine drops its buffer and keeps
-serving the previous version, and the group must be formed again. Only this coordinator talks to the engines'
-dev-mode routes (the NetworkPolicy keeps everyone else out).
+A trainer reaches this API (routes: ``api``) at the job's ``status.sync.address``. ``POST /v1/sync/group`` validates
+the state-dict metadata against every engine, opens a **fresh store** for this group incarnation (a new port, so no
+stale keys), and has every engine join at its rank; the trainer joins as rank 0 with the returned address string,
+which is the one string every side uses. ``POST /v1/sync/push`` starts a push: engines receive the whole state dict
+into a side buffer, and only when every engine has all of it does the coordinator apply it (pause → finish → reset
+prefix cache → resume). If any engine fails to receive (the trainer died, a timeout), every engine drops its buffer
+and keeps serving the previous version, and the group must be formed again. Only this coordinator talks to the
+engines' dev-mode routes (the NetworkPolicy keeps everyone else out).
+
+One trainer owns the group at a time (``lease``), versions only increase, also across restarts (``versions``),
+checkpoint directories stay under ``sync.checkpointPath`` (``checkpoint_dir``), and a bad body is a 400 or 413 with
+a message, never a 500.
 """
 
 from __future__ import annotations
@@ -28,23 +32,15 @@ from typing import Any
 import httpx
 import torch
 from aiohttp import web
-from pydantic import ValidationError
 from torch._C._distributed_c10d import TCPStore
 
 from explorer import config as explorer_config
 from explorer import status_api
-from explorer.weight_sync import protocol
+from explorer.weight_sync import api, checkpoint_dir, lease, protocol, versions
 
 log = logging.getLogger(__name__)
 STORE_PORT_WINDOW = 8  # store ports cycle through sync.port+1 .. sync.port+8 in a pod (the NetworkPolicy opens them)
-
-
-class SyncError(Exception):
-    """A refused or failed sync step; ``status`` is the HTTP status the trainer gets."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+IN_PROCESS = "in-process caller"  # the trainer name of calls made from Python (Explorer.setup_weight_sync_group)
 
 
 class EngineDriver:
@@ -61,7 +57,7 @@ class EngineDriver:
     async def post(self, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
         response = await self.http.post(f"{self.endpoint.url}{path}", json=body, timeout=timeout)
         if response.status_code != 200:
-            raise SyncError(502, f"engine {self.index} {path}: HTTP {response.status_code}: {response.text[:300]}")
+            raise api.SyncError(502, f"engine {self.index} {path}: HTTP {response.status_code}: {response.text[:300]}")
         return response.json() if response.content else None
 
     async def rpc(self, method: str, *args: str, timeout: float = 30.0) -> Any:
@@ -82,6 +78,7 @@ class Group:
     store: Any
     port: int
     joins: list[asyncio.Task[Any]]
+    dtype: str | None = None
     ready: bool = False
     broken: str | None = None
 
@@ -97,7 +94,11 @@ class SyncCoordinator:
         bind_host: str,
         api_port: int,
         store_port_base: int | None = None,
+        state_dir: Path | None = None,
+        lease_seconds: float | None = None,
     ):
+        """``state_dir`` keeps the version ledger (default: the experiences directory, beside the explorer's resume
+        state); ``lease_seconds`` is how long a silent trainer keeps the group (default: ``sync.timeoutSeconds``)."""
         self.config = config
         self.advertised_host = advertised_host
         self.bind_host = bind_host
@@ -114,6 +115,10 @@ class SyncCoordinator:
         self.last_sync_bytes: int | None = None
         self.last_error: str | None = None
         self.on_version: Callable[[int], None] | None = None
+        self.state_dir = state_dir or Path(config.experiences.path)
+        self.lease = lease.Lease(config.sync.timeout_seconds if lease_seconds is None else lease_seconds)
+        self.newest_version = 0  # the newest version applied or found on disk: no push gets one at or below it
+        self._ledger_warned = False
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._pushes: dict[int, asyncio.Task[protocol.PushResult]] = {}
@@ -127,20 +132,18 @@ class SyncCoordinator:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve the API; adopt the version the engines already serve (a restarted coordinator resumes it)."""
-        versions = await asyncio.gather(*(e.weight_version() for e in self.engines), return_exceptions=True)
-        known = {v for v in versions if isinstance(v, str) and v.isdigit()}
+        """Serve the API; adopt the version the engines already serve (a restarted coordinator resumes it) and the
+        newest one recorded in the state directory (no push gets one at or below it)."""
+        served = await asyncio.gather(*(e.weight_version() for e in self.engines), return_exceptions=True)
+        known = {v for v in served if isinstance(v, str) and v.isdigit()}
         if len(known) == 1:
             self.version = int(known.pop())
-            self.engines_in_sync = sum(1 for v in versions if v == str(self.version))
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_get("/v1/sync", self._h_state)
-        app.router.add_post("/v1/sync/group", self._h_group)
-        app.router.add_post("/v1/sync/group/{incarnation}/joined", self._h_joined)
-        app.router.add_post("/v1/sync/push", self._h_push)
-        app.router.add_post("/v1/sync/push/{version}/result", self._h_result)
-        app.router.add_post("/v1/sync/checkpoint", self._h_checkpoint)
-        self._runner = await status_api.serve_app(app, self.bind_host, self.api_port)
+            self.engines_in_sync = sum(1 for v in served if v == str(self.version))
+        try:
+            self.newest_version = max(self.version or 0, await self._recorded_version())
+        except api.SyncError as err:  # exploring goes on; every push is refused with this message until it is fixed
+            log.error("%s", err)
+        self._runner = await status_api.serve_app(api.build_app(self), self.bind_host, self.api_port)
 
     async def stop(self) -> None:
         for task in self._pushes.values():
@@ -184,35 +187,69 @@ class SyncCoordinator:
         del group.store
 
     async def _validate(self, metas: list[protocol.TensorMeta]) -> None:
+        unknown = [f"tensor {m.name!r} has unsupported dtype {m.dtype!r}" for m in metas
+                   if m.dtype not in protocol.DTYPES]  # fmt: skip
+        if unknown:  # refused here: buffer sizes are computed from dtypes before any engine sees them
+            raise api.SyncError(422, "; ".join(unknown[:5]))
         payload = json.dumps([m.to_wire() for m in metas])
         results = await asyncio.gather(*(e.rpc("ext_validate", payload, timeout=60) for e in self.engines))
         for engine, problems in zip(self.engines, results, strict=True):
             if problems:
-                raise SyncError(422, f"engine {engine.index} refuses the state dict: " + "; ".join(problems[:5]))
+                raise api.SyncError(422, f"engine {engine.index} refuses the state dict: " + "; ".join(problems[:5]))
+
+    async def _served_dtype(self) -> str | None:
+        """The dtype the engines serve (``auto`` resolved, as vLLM chose it): trainers cast floating tensors to it."""
+        dtypes = set(await asyncio.gather(*(e.rpc("ext_model_dtype") for e in self.engines)))
+        if len(dtypes) > 1:
+            raise api.SyncError(502, f"the engines serve different dtypes {sorted(dtypes)}; restart them with one")
+        if dtypes:
+            return str(dtypes.pop())
+        dtype = self.config.rollout.model.dtype
+        return None if dtype == "auto" else dtype
 
     def _group_info(self, group: Group) -> protocol.GroupInfo:
-        dtype = self.config.rollout.model.dtype
         return protocol.GroupInfo(
             incarnation=group.incarnation, method=self.spec.method, master_address=self.advertised_host,
             master_port=group.port, world_size=protocol.rank_layout([e.endpoint.world_size for e in self.engines])[1],
-            bucket_bytes=self.spec.bucket_bytes, timeout_seconds=self.spec.timeout_seconds,
-            dtype=None if dtype == "auto" else dtype, checkpoint_path=self.spec.checkpoint_path,
+            bucket_bytes=self.spec.bucket_bytes, timeout_seconds=self.spec.timeout_seconds, dtype=group.dtype,
+            checkpoint_path=self.spec.checkpoint_path,
         )  # fmt: skip
 
-    async def open_group(self, request: protocol.GroupRequest) -> protocol.GroupInfo:
-        """Validate the metadata, open a fresh store and have every engine join it (the trainer joins as rank 0)."""
+    def _push_in_progress(self) -> bool:
+        return any(not t.done() for t in self._pushes.values())
+
+    def _hold(self, trainer: str, claim: bool = True) -> None:
+        """Refuse ``trainer`` while another one owns the group; otherwise (``claim``) (re)start its lease."""
+        now, busy = time.monotonic(), self._push_in_progress()
+        try:
+            if claim:
+                self.lease.claim(trainer, now, busy)
+            else:
+                self.lease.check(trainer, now, busy)
+        except lease.GroupHeldError as err:
+            raise api.SyncError(409, str(err)) from None
+
+    async def open_group(self, request: protocol.GroupRequest, trainer: str = IN_PROCESS) -> protocol.GroupInfo:
+        """Validate the metadata, open a fresh store and have every engine join it (the trainer joins as rank 0).
+
+        The group's metadata is what the trainer holds; it is checked as it will be sent, floats cast to the
+        served dtype (the trainer casts them), and each push's metadata must then match exactly.
+        """
         async with self._lock:
-            await self._validate(request.tensors)
+            self._hold(trainer, claim=False)  # a second trainer never gets to tear down the owner's group
+            dtype = await self._served_dtype()
+            wire = protocol.on_wire(request.tensors, dtype)
+            await self._validate(wire)
             await self._close_group()
             incarnation = uuid.uuid4().hex[:12]
             store, port = self._open_store()
-            group = Group(incarnation, store, port, joins=[])
+            group = Group(incarnation, store, port, joins=[], dtype=dtype)
             self.group = group
+            self._hold(trainer)
             if self.spec.method == "checkpoint":
                 group.ready = True  # engines read the shared volume; no process group to form
                 return self._group_info(group)
             slots, world = protocol.rank_layout([e.endpoint.world_size for e in self.engines])
-            wire = protocol.on_wire(request.tensors, self._group_info(group).dtype)
             chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
             for engine, slot in zip(self.engines, slots, strict=True):
                 init = {
@@ -236,35 +273,66 @@ class SyncCoordinator:
                 )
             return self._group_info(group)
 
-    async def group_joined(self, incarnation: str) -> None:
+    async def group_joined(self, incarnation: str, trainer: str = IN_PROCESS) -> None:
         """Wait for every engine's join (the trainer has joined by now); the group is then ready for pushes."""
+        self._hold(trainer)
         group = self._current(incarnation, need_ready=False)
         results = await asyncio.gather(*group.joins, return_exceptions=True)
         failures = [f"engine {e.index}: {r}" for e, r in zip(self.engines, results, strict=True)
                     if isinstance(r, BaseException)]  # fmt: skip
         if failures:
             group.broken = "; ".join(failures)
-            raise SyncError(502, f"engines failed to join the sync group: {group.broken}")
+            raise api.SyncError(502, f"engines failed to join the sync group: {group.broken}")
         group.ready = True
+        self.lease.renew(trainer, time.monotonic())  # joining may take a while: the lease runs from its end
+
+    async def leave(self, trainer: str = IN_PROCESS) -> None:
+        """``trainer`` is done: its lease ends and its group takes no more pushes (the next trainer forms its own)."""
+        if self.lease.release(trainer) and self.group is not None and not self.group.broken:
+            self.group.broken = f"its trainer {trainer!r} left"
 
     def _current(self, incarnation: str, need_ready: bool = True) -> Group:
         group = self.group
         if group is None or group.incarnation != incarnation:
-            raise SyncError(409, "the sync group was re-formed or closed; form a new group (POST /v1/sync/group)")
+            raise api.SyncError(409, "the sync group was re-formed or closed; form a new group (POST /v1/sync/group)")
         if group.broken:
-            raise SyncError(409, f"the sync group is broken ({group.broken}); form a new group")
+            raise api.SyncError(409, f"the sync group is broken ({group.broken}); form a new group")
         if need_ready and not group.ready:
-            raise SyncError(409, "the sync group has not finished joining")
+            raise api.SyncError(409, "the sync group has not finished joining")
         return group
 
     # ---- push ----------------------------------------------------------------------------------------------
 
-    def _next_version(self, requested: int | None) -> int:
-        current = self.version or 0
-        version = requested if requested is not None else current + 1
-        if version <= current:
-            raise SyncError(409, f"version {version} is not newer than the served version {current}")
-        return version
+    async def _recorded_version(self) -> int:
+        try:
+            return await asyncio.to_thread(versions.load_version, self.state_dir)
+        except ValueError as err:
+            raise api.SyncError(500, str(err)) from None
+        except OSError as err:
+            self._warn_ledger(err)
+            return 0
+
+    async def _next_version(self, requested: int | None) -> int:
+        """Newer than every version served, applied or recorded on disk (read again: another coordinator of this
+        job, e.g. one of the other method or an overlapping restart, may have recorded a newer one)."""
+        self.newest_version = max(self.newest_version, await self._recorded_version(), self.version or 0)
+        try:
+            return versions.next_version(self.newest_version, requested)
+        except versions.VersionConflictError as err:
+            raise api.SyncError(409, str(err)) from None
+
+    async def _save_version(self, version: int) -> None:
+        self.newest_version = max(self.newest_version, version)
+        try:
+            await asyncio.to_thread(versions.save_version, self.state_dir, self.newest_version)
+        except OSError as err:
+            self._warn_ledger(err)
+
+    def _warn_ledger(self, err: OSError) -> None:
+        # Versions still increase while this coordinator runs; only a restart could then reuse one.
+        if not self._ledger_warned:
+            log.warning("cannot use the version ledger in %s (%s): versions survive no restart", self.state_dir, err)
+            self._ledger_warned = True
 
     async def _check_members(self, group: Group) -> None:
         """An engine that restarted (or was added) is not in the group: the trainer must form it again."""
@@ -273,22 +341,23 @@ class SyncCoordinator:
                   if isinstance(s, BaseException) or s.get("incarnation") != group.incarnation]  # fmt: skip
         if strays:
             group.broken = f"engines {strays} are not members of this group (restarted or added)"
-            raise SyncError(409, f"{group.broken}; form a new group")
+            raise api.SyncError(409, f"{group.broken}; form a new group")
 
-    async def push(self, request: protocol.PushRequest) -> int:
+    async def push(self, request: protocol.PushRequest, trainer: str = IN_PROCESS) -> int:
         """Start a broadcast push: engines begin receiving in the background; the trainer broadcasts next."""
         async with self._lock:
+            self._hold(trainer)
             group = self._current(request.incarnation)
             if request.checkpoint_dir is not None or self.spec.method == "checkpoint":
-                raise SyncError(400, "this job syncs by checkpoint: POST /v1/sync/checkpoint")
-            if any(not t.done() for t in self._pushes.values()):
-                raise SyncError(409, "a push is still in progress")
-            version = self._next_version(request.version)
+                raise api.SyncError(400, "this job syncs by checkpoint: POST /v1/sync/checkpoint")
+            if self._push_in_progress():
+                raise api.SyncError(409, "a push is still in progress")
+            version = await self._next_version(request.version)
             await self._check_members(group)
             await self._validate(request.tensors)
             try:
                 await asyncio.gather(*(e.post("/start_weight_update") for e in self.engines))
-            except SyncError as err:
+            except api.SyncError as err:
                 await self._abort(group, str(err))
                 raise
             task = asyncio.create_task(self._receive_and_apply(group, version, request.tensors))
@@ -298,6 +367,7 @@ class SyncCoordinator:
 
     async def _abort(self, group: Group, reason: str) -> None:
         await asyncio.gather(*(e.rpc("ext_abort_update") for e in self.engines), return_exceptions=True)
+        self.lease.release()  # its trainer most likely died: the next one need not wait for the lease to lapse
         group.broken = reason
         self.last_error = reason
         log.warning("weight push aborted, engines keep version %s: %s", self.version, reason)
@@ -317,7 +387,7 @@ class SyncCoordinator:
                     if isinstance(r, BaseException)]  # fmt: skip
         if failures:
             await self._abort(group, "receive failed: " + "; ".join(failures))
-            raise SyncError(502, f"push of version {version} failed, engines keep version {self.version}: "
+            raise api.SyncError(502, f"push of version {version} failed, engines keep version {self.version}: "
                                  + "; ".join(failures))  # fmt: skip
         receive_seconds = time.monotonic() - started
         applied = await self._apply(lambda e: e.post("/finish_weight_update", {"weight_version": str(version)},
@@ -334,7 +404,7 @@ class SyncCoordinator:
                 await finish(engine)
                 await engine.post("/reset_prefix_cache")
                 return True
-            except (SyncError, httpx.HTTPError) as err:
+            except (api.SyncError, httpx.HTTPError) as err:
                 log.error("engine %s failed to apply the new weights: %s", engine.index, err)
                 return False
             finally:
@@ -349,7 +419,8 @@ class SyncCoordinator:
         seconds = time.monotonic() - started
         in_sync = sum(applied)
         if in_sync == 0:
-            raise SyncError(502, f"no engine applied version {version}; they keep version {self.version}")
+            raise api.SyncError(502, f"no engine applied version {version}; they keep version {self.version}")
+        await self._save_version(version)
         self.version, self.engines_in_sync, self.syncs = version, in_sync, self.syncs + 1
         self.last_sync_time = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.last_sync_duration, self.last_sync_bytes, self.last_error = seconds, nbytes, None
@@ -362,28 +433,44 @@ class SyncCoordinator:
         return protocol.PushResult(version=version, engines_in_sync=in_sync, engines=len(applied), bytes=nbytes,
                                    seconds=seconds, apply_seconds=seconds - receive_seconds)  # fmt: skip
 
-    async def push_result(self, version: int) -> protocol.PushResult:
+    async def push_result(self, version: int, trainer: str = IN_PROCESS) -> protocol.PushResult:
+        self._hold(trainer, claim=False)
         task = self._pushes.get(version)
         if task is None:
-            raise SyncError(404, f"no push of version {version} in progress")
-        return await asyncio.shield(task)
+            raise api.SyncError(404, f"no push of version {version} in progress")
+        result = await asyncio.shield(task)
+        self.lease.renew(trainer, time.monotonic())  # the lease runs from the end of the push, not its start
+        return result
 
-    async def push_checkpoint(self, request: protocol.PushRequest) -> protocol.PushResult:
+    def _checkpoint_dir(self, directory: str | None) -> tuple[Path, str]:
+        """The resolved directory and the root it must stay in (``sync.checkpointPath``)."""
+        root = self.spec.checkpoint_path
+        if root is None:
+            raise api.SyncError(400, "this job has no sync.checkpointPath: checkpoint pushes are off")
+        if directory is None:
+            raise api.SyncError(400, "checkpointDir is required")
+        try:
+            return checkpoint_dir.confine(directory, root), root
+        except checkpoint_dir.CheckpointDirError as err:
+            raise api.SyncError(422, str(err)) from None
+
+    async def push_checkpoint(self, request: protocol.PushRequest, trainer: str = IN_PROCESS) -> protocol.PushResult:
         """The checkpoint method: every engine validates and reads the directory, then applies it."""
         async with self._lock:
+            self._hold(trainer)
             self._current(request.incarnation)
-            if request.checkpoint_dir is None:
-                raise SyncError(400, "checkpointDir is required")
-            version = self._next_version(request.version)
+            resolved, root = await asyncio.to_thread(self._checkpoint_dir, request.checkpoint_dir)
+            if self._push_in_progress():
+                raise api.SyncError(409, "a push is still in progress")
+            version = await self._next_version(request.version)
             started = time.monotonic()
-            directory = request.checkpoint_dir
 
             async def finish(engine: EngineDriver) -> None:
-                await engine.rpc("ext_load_checkpoint", directory, timeout=self.spec.timeout_seconds)
+                await engine.rpc("ext_load_checkpoint", str(resolved), root, timeout=self.spec.timeout_seconds)
                 await engine.post("/update_weight_version", {"new_version": str(version)})
 
             applied = await self._apply(finish)
-            size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")))
+            size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in resolved.glob("*.safetensors")))
             return await self._record(version, applied, size, started, 0.0)
 
     # ---- explorer side ---------------------------------------------------------------------------------------
@@ -396,54 +483,17 @@ class SyncCoordinator:
     async def get_weight(self, name: str, engine: int = 0) -> torch.Tensor:
         body = await self.engines[engine].rpc("ext_get_weight", name, timeout=120)
         if not isinstance(body, dict):
-            raise SyncError(404, f"engine {engine}: {body}")
+            raise api.SyncError(404, f"engine {engine}: {body}")
         raw = bytearray(base64.b64decode(body["data"]))
         flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         return flat.view(protocol.DTYPES[body["dtype"]]).reshape(body["shape"])
 
     def state(self) -> protocol.SyncState:
         group = self.group
+        holder = self.lease.current(time.monotonic(), busy=self._push_in_progress())
         return protocol.SyncState(
             incarnation=group.incarnation if group else None, group_ready=bool(group and group.ready and
                                                                                not group.broken),
             version=self.version, engines=len(self.engines), engines_in_sync=self.engines_in_sync or 0,
-            last_error=self.last_error,
+            last_error=self.last_error, extra={"trainer": holder} if holder else {},
         )  # fmt: skip
-
-    # ---- HTTP ----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    async def _respond(make: Callable[[], Awaitable[Any]]) -> web.Response:
-        """Run one API call; refusals and bad bodies become JSON errors the trainer client raises verbatim."""
-        try:
-            result = await make()
-        except SyncError as err:
-            return web.json_response({"error": str(err)}, status=err.status)
-        except ValidationError as err:
-            return web.json_response({"error": str(err)}, status=400)
-        if result is None:
-            return web.json_response({})
-        if isinstance(result, int):
-            return web.json_response({"version": result})
-        return web.json_response(result.to_wire())
-
-    async def _h_state(self, _: web.Request) -> web.Response:
-        return web.json_response(self.state().to_wire())
-
-    async def _h_group(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        return await self._respond(lambda: self.open_group(protocol.GroupRequest.model_validate(body)))
-
-    async def _h_joined(self, request: web.Request) -> web.Response:
-        return await self._respond(lambda: self.group_joined(request.match_info["incarnation"]))
-
-    async def _h_push(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        return await self._respond(lambda: self.push(protocol.PushRequest.model_validate(body)))
-
-    async def _h_result(self, request: web.Request) -> web.Response:
-        return await self._respond(lambda: self.push_result(int(request.match_info["version"])))
-
-    async def _h_checkpoint(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        return await self._respond(lambda: self.push_checkpoint(protocol.PushRequest.model_validate(body)))

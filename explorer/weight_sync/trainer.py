@@ -10,6 +10,9 @@ Usage (the whole integration for any trainer loop)::
 packs them into buckets and broadcasts them in one pass (gloo on CPU, NCCL on GPU), or, for the checkpoint method,
 writes safetensors to the shared directory and has the engines reload it. When the coordinator says the group
 changed (an engine restarted or was added), ``push`` forms the group again once and retries.
+
+Each client names itself on every call (``trainer_id``, hostname/pid/random by default): the group belongs to one
+trainer at a time, and ``close`` hands it back.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -30,7 +34,7 @@ from typing import Any
 import httpx
 import torch
 
-from explorer.weight_sync import protocol
+from explorer.weight_sync import lease, protocol
 
 log = logging.getLogger(__name__)
 StateLike = torch.nn.Module | Mapping[str, torch.Tensor]
@@ -87,10 +91,12 @@ def _gloo_group(address: str, port: int, world_size: int, timeout: float) -> Any
 class TrainerClient:
     """Rank 0 of one job's weight-sync group."""
 
-    def __init__(self, address: str, *, timeout: float = 300.0):
+    def __init__(self, address: str, *, timeout: float = 300.0, trainer_id: str | None = None):
         base = address if address.startswith("http") else f"http://{address}"
-        self.http = httpx.Client(base_url=base, timeout=timeout)
+        self.trainer_id = trainer_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.http = httpx.Client(base_url=base, timeout=timeout, headers={lease.HEADER: self.trainer_id})
         self.info: protocol.GroupInfo | None = None
+        self._claimed = False
         self._group: Any = None
         self._comm: Any = None
         self._buffers: list[torch.Tensor] = []
@@ -128,7 +134,7 @@ class TrainerClient:
         self.info = None
         body = {"tensors": [m.to_wire() for m in metas]}
         info = protocol.GroupInfo.model_validate(self._post("/v1/sync/group", body))
-        self.info = info
+        self.info, self._claimed = info, True
         if info.method == "gloo":
             self._reserve_buffers(max(protocol.chunk_bytes(protocol.on_wire(metas, info.dtype), info.bucket_bytes)))
             self._group = _gloo_group(info.master_address, info.master_port, info.world_size, info.timeout_seconds)
@@ -158,7 +164,14 @@ class TrainerClient:
             self._comm = None
 
     def close(self) -> None:
+        """Leave the group and hand it back, so another trainer need not wait for this one's lease to lapse."""
         self._leave()
+        if self._claimed:
+            try:
+                self.http.post("/v1/sync/leave", json={}, timeout=10.0)
+            except httpx.HTTPError as err:  # the lease lapses on its own
+                log.warning("could not hand the sync group back: %s", err)
+            self._claimed = False
         self.http.close()
 
     def __enter__(self) -> TrainerClient:

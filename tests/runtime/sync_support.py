@@ -49,10 +49,12 @@ def sync_config(
     })  # fmt: skip
 
 
-def start_coordinator(loop: LoopThread, config: explorer_config.ExplorerConfig) -> SyncCoordinator:
+def start_coordinator(loop: LoopThread, config: explorer_config.ExplorerConfig, **kwargs: Any) -> SyncCoordinator:
+    """A started coordinator on loopback; ``kwargs`` go to ``SyncCoordinator`` (``state_dir``, ``lease_seconds``)."""
+
     async def make() -> SyncCoordinator:
         coordinator = SyncCoordinator(config, advertised_host="127.0.0.1", bind_host="127.0.0.1",
-                                      api_port=config.sync.port)  # fmt: skip
+                                      api_port=config.sync.port, **kwargs)  # fmt: skip
         await coordinator.start()
         return coordinator
 

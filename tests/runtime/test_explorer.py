@@ -60,6 +60,7 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
                           timeout=240, what="two steps reported by the status API")  # fmt: skip
         assert report["phase"] == "Running" and report["totalSteps"] == 6
         assert report["experiences"] >= 12 and report["failedTasks"] == 0 and report["experiencesPerSecond"] > 0
+        assert report["missingTasks"] == 0  # no step's wait expired
         engines = report["engines"]
         assert [(e["index"], e["healthy"]) for e in engines] == [(0, True), (1, True)], engines
         first.kill()  # SIGKILL: no chance to clean up
@@ -76,6 +77,7 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
     log = (tmp_path / "second.log").read_text()
     assert f"{tmp_path / 'train.jsonl'}:6: not valid JSON" in log  # the bad row is named, the rest ran
     assert out.committed_steps() == {1, 2, 3, 4, 5, 6}
+    assert all(entry["missingTasks"] == [] for entry in out.manifest()["steps"].values())
     for step, body in files_before.items():
         assert (tmp_path / "out" / f"step-{step:08d}.jsonl").read_bytes() == body  # never rewritten
     for step in range(1, 7):

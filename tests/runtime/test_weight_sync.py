@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from explorer import explorer as explorer_mod
 from explorer import local_engine, sink
+from explorer.weight_sync import protocol, versions
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
 from kubeplane import paths
@@ -219,3 +221,115 @@ def test_checkpoint_method_serves_the_same_model_as_gloo(
             assert max(abs(x - y) for x, y in zip(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"],
                                                   strict=True)) < 1e-5  # fmt: skip
     coordinator.version = max(coordinator.version or 0, result.version)  # the engines moved on without it
+
+
+def test_versions_increase_across_methods_and_a_coordinator_restart(
+    coordinator: SyncCoordinator, loop: support.LoopThread, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A checkpoint push and a broadcast push once both got version 4: one ledger per job now orders them all."""
+    with TrainerClient(address(coordinator)) as trainer:
+        start = trainer.push(support.perturbed_state(tiny_model_dir, seed=20)).version
+    shared = coordinator.config.model_copy(deep=True)
+    shared.sync = shared.sync.model_copy(update={"method": "checkpoint", "checkpoint_path": str(tmp_path / "shared"),
+                                                 "port": free_port()})  # fmt: skip
+    by_checkpoint = support.start_coordinator(loop, shared, state_dir=coordinator.state_dir)
+    try:
+        with TrainerClient(address(by_checkpoint)) as trainer:
+            assert trainer.push(support.perturbed_state(tiny_model_dir, seed=21)).version == start + 1
+    finally:
+        loop.run(by_checkpoint.stop())
+    assert coordinator.version == start, "the broadcast coordinator did not see that push"
+    with TrainerClient(address(coordinator)) as trainer:
+        assert trainer.push(support.perturbed_state(tiny_model_dir, seed=22)).version == start + 2
+
+    restarted_cfg = coordinator.config.model_copy(deep=True)
+    restarted_cfg.sync = restarted_cfg.sync.model_copy(update={"port": free_port()})
+    restarted = support.start_coordinator(loop, restarted_cfg, state_dir=coordinator.state_dir)
+    try:
+        assert restarted.newest_version == start + 2
+        with TrainerClient(address(restarted)) as trainer:
+            with pytest.raises(SyncRefusedError, match=rf"version {start + 1} is not newer than the current policy "
+                                                       rf"version {start + 2}") as refused:  # fmt: skip
+                trainer.push(support.perturbed_state(tiny_model_dir, seed=23), version=start + 1)
+            assert refused.value.status == 409
+            assert trainer.push(support.perturbed_state(tiny_model_dir, seed=23)).version == start + 3
+    finally:
+        loop.run(restarted.stop())
+    assert versions.load_version(coordinator.state_dir) == start + 3
+
+
+def test_a_second_trainer_gets_409_naming_the_holder_until_the_first_closes(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    first = TrainerClient(address(coordinator), trainer_id="trainer-a@host-1")
+    try:
+        first.push(support.perturbed_state(tiny_model_dir, seed=30))
+        with TrainerClient(address(coordinator), trainer_id="trainer-b@host-2") as second:
+            with pytest.raises(SyncRefusedError, match="held by trainer 'trainer-a@host-1'") as refused:
+                second.setup(support.perturbed_state(tiny_model_dir, seed=31))
+            assert refused.value.status == 409
+            owners = first.push(support.perturbed_state(tiny_model_dir, seed=32))  # its group was left alone
+            assert owners.engines_in_sync == 2
+            first.close()
+            newest = support.perturbed_state(tiny_model_dir, seed=33)
+            assert second.push(newest).version == owners.version + 1
+    finally:
+        first.close()
+    assert max(served_errors(cpu_engines, tiny_model_dir, newest)) < TOLERANCE
+
+
+def test_float64_metadata_is_refused_naming_the_tensor_and_the_client_casts_float64_weights(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    good = support.perturbed_state(tiny_model_dir, seed=40)
+    with TrainerClient(address(coordinator)) as trainer:
+        info = trainer.setup(good)
+        assert info.dtype == "float32"
+        wide = [{**m.to_wire(), "dtype": "float64"} if m.name == "model.norm.weight" else m.to_wire()
+                for m in protocol.describe(good.items())]  # fmt: skip
+        version = coordinator.version
+        response = trainer.http.post("/v1/sync/push", json={"incarnation": info.incarnation, "tensors": wide})
+        assert response.status_code == 422, response.text
+        assert "tensor 'model.norm.weight' has dtype float64, the served model's is float32" in response.json()["error"]
+        assert coordinator.version == version
+        # float64 master weights are fine: the client casts them to the served dtype before they are described.
+        assert trainer.push({n: t.double() for n, t in good.items()}).engines_in_sync == 2
+    assert max(served_errors(cpu_engines, tiny_model_dir, good)) < TOLERANCE
+
+
+def test_checkpoint_directories_outside_the_checkpoint_path_are_refused(
+    coordinator: SyncCoordinator, loop: support.LoopThread, cpu_engines: list[local_engine.LocalEngine],
+    tiny_model_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    save_file(support.perturbed_state(tiny_model_dir, seed=50), str(outside / "model.safetensors"))
+    root = tmp_path / "shared"
+    root.mkdir()
+    (root / "escape").symlink_to(outside)
+    cfg = coordinator.config.model_copy(deep=True)
+    cfg.sync = cfg.sync.model_copy(update={"method": "checkpoint", "checkpoint_path": str(root), "port": free_port()})
+    by_checkpoint = support.start_coordinator(loop, cfg, state_dir=coordinator.state_dir)
+    before = [support.engine_logprobs(e.base_url) for e in cpu_engines]
+    try:
+        with TrainerClient(address(by_checkpoint)) as trainer:
+            info = trainer.setup(support.original_state(tiny_model_dir))
+            for directory in (str(outside), str(root / ".." / "elsewhere"), str(root / "escape")):
+                response = trainer.http.post(
+                    "/v1/sync/checkpoint", json={"incarnation": info.incarnation, "checkpointDir": directory}
+                )
+                assert response.status_code == 422, response.text
+                assert "not inside sync.checkpointPath" in response.json()["error"]
+    finally:
+        loop.run(by_checkpoint.stop())
+    assert by_checkpoint.syncs == 0
+    assert [support.engine_logprobs(e.base_url) for e in cpu_engines] == before
+
+
+def test_bad_json_is_a_400_with_a_message(coordinator: SyncCoordinator) -> None:
+    for path in ("/v1/sync/group", "/v1/sync/push", "/v1/sync/checkpoint"):
+        response = httpx.post(f"http://{address(coordinator)}{path}", content=b"{not json", timeout=30)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"].startswith("invalid request body: body: Invalid JSON")

@@ -42,7 +42,7 @@ def test_pack_and_unpack_round_trip_mixed_dtypes_and_shapes() -> None:
 
 def test_check_metadata_names_every_problem_by_tensor() -> None:
     expected = {"x.weight": ("float32", [4, 4]), "x.bias": ("float32", [4]), "ids": ("int64", [4])}
-    good = [meta("x.bias", 4, "bfloat16"), protocol.TensorMeta(name="x.weight", dtype="float32", shape=[4, 4]),
+    good = [meta("x.bias", 4), protocol.TensorMeta(name="x.weight", dtype="float32", shape=[4, 4]),
             meta("ids", 4, "int64")]  # fmt: skip
     assert protocol.check_metadata(good, expected) == []
     bad = [
@@ -62,6 +62,35 @@ def test_check_metadata_names_every_problem_by_tensor() -> None:
     assert protocol.check_metadata([meta("x.bias", 4), meta("ids", 4, "int64")], expected) == [
         "1 weights of the served model are missing, e.g. 'x.weight'"
     ]
+
+
+def test_floating_tensors_must_come_in_the_served_dtype_and_others_in_the_checkpoints() -> None:
+    """A push once declared float64 for a float32 model: every engine staged twice the model's bytes."""
+    expected = {"w": ("bfloat16", [4]), "ids": ("int64", [4])}
+    served_bf16 = [meta("w", 4, "bfloat16"), meta("ids", 4, "int64")]
+    assert protocol.check_metadata(served_bf16, expected) == []  # default: the checkpoint's own dtype
+    served_f32 = [meta("w", 4, "float32"), meta("ids", 4, "int64")]
+    assert protocol.check_metadata(served_f32, expected, served_dtype="float32") == []  # bf16 on disk, fp32 served
+    assert protocol.check_metadata([meta("w", 4, "float64"), meta("ids", 4, "int64")], expected, "float32") == [
+        "tensor 'w' has dtype float64, the served model's is float32"
+    ]
+    assert protocol.check_metadata([meta("w", 4, "bfloat16"), meta("ids", 4, "int32")], expected, "bfloat16") == [
+        "tensor 'ids' has dtype int32, the served model's is int64"
+    ]
+    assert protocol.check_metadata(served_f32, expected) == [
+        "tensor 'w' has dtype float32, the served model's is bfloat16"
+    ]
+
+
+def test_on_wire_casts_only_floating_tensors_and_leaves_unknown_dtypes_for_the_check() -> None:
+    metas = [meta("w", 4, "float64"), meta("ids", 4, "int64"), meta("odd", 1, "complex64")]
+    assert [m.dtype for m in protocol.on_wire(metas, "bfloat16")] == ["bfloat16", "int64", "complex64"]
+    assert protocol.on_wire(metas, None) == metas
+
+
+def test_tensor_meta_refuses_negative_dimensions() -> None:
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        protocol.TensorMeta(name="w", dtype="float32", shape=[4, -1])
 
 
 def test_rank_layout_places_engines_after_the_trainer_without_collisions() -> None:

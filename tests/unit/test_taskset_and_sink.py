@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,48 @@ def test_a_step_is_committed_exactly_once_and_reads_back(tmp_path: Path, fmt: st
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["steps"]["1"]["experiences"] == 3 and manifest["steps"]["1"]["policyVersion"] == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def record_durability(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every fsync (of a directory, or of a file named by its final name) and rename, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync", "<dir>"))
+        else:  # a temporary ".{name}.{random}" beside its final name
+            events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name[1:].rsplit(".", 1)[0]))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_commit_is_durable_file_fsynced_before_the_rename_and_the_directory_after(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #13: Parquet steps were never fsynced, and no rename was followed by an fsync of the directory."""
+    events = record_durability(monkeypatch)
+    sink.ExperienceSink(tmp_path, fmt).commit(1, experiences(2))
+    name = f"step-00000001.{fmt}"
+    assert events == [("fsync", name), ("replace", name), ("fsync", "<dir>"),
+                      ("fsync", "manifest.json"), ("replace", "manifest.json"), ("fsync", "<dir>")]  # fmt: skip
+
+
+def test_a_step_committed_short_names_its_missing_tasks_in_the_manifest(tmp_path: Path) -> None:
+    out = sink.ExperienceSink(tmp_path, "parquet")
+    out.commit(1, experiences(2))
+    out.commit(2, experiences(1), missing_tasks=[4, 2])
+    steps = out.manifest()["steps"]
+    assert steps["1"]["missingTasks"] == [] and steps["2"]["missingTasks"] == [2, 4]
+    assert out.commit(3, [], missing_tasks=[0]) and out.read_step(3) == []  # every task missing: an empty step
 
 
 def test_math_reward_checks_the_final_answer() -> None:

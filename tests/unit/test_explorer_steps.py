@@ -1,0 +1,117 @@
+"""The explorer's step commit with in-process runners (unit only): a step whose wait expires is never committed
+silently, and commits run durably off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from explorer import config, scheduler, sink
+from explorer import explorer as explorer_mod
+from explorer.experience import Experience
+from explorer.workflow_runner import Status
+from tests.unit.test_taskset_and_sink import record_durability
+
+
+class DelayRunner:
+    """Unit-test runner: each task takes ``task.raw['delay']`` seconds, within the attempt's timeout."""
+
+    async def run(self, task: scheduler.TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
+        try:
+            await asyncio.wait_for(asyncio.sleep(float(task.task.raw.get("delay", 0))), timeout)
+        except TimeoutError:
+            return Status(False, {}, "timed out"), []
+        return Status(True, {}), [
+            Experience(tokens=[1, 2], prompt_length=1, logprobs=[0.0], reward=1.0, task_id=task.task.task_id,
+                       run_id=task.run_id_base + i)
+            for i in range(task.repeat_times)
+        ]  # fmt: skip
+
+    async def restart(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def in_process_runners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The explorer's scheduler with one in-process ``DelayRunner`` per runner slot instead of Ray actors."""
+    real = scheduler.Scheduler
+
+    def make(cfg: config.ExplorerConfig, rollout: Any, aux: Any = None) -> scheduler.Scheduler:
+        return real(cfg, rollout, aux, backend_factory=lambda _: DelayRunner())
+
+    monkeypatch.setattr(scheduler, "Scheduler", make)
+
+
+def explorer_config(tmp_path: Path, delay: float, steps: int = 1, **explore: Any) -> config.ExplorerConfig:
+    rows = [json.dumps({"question": f"q{i}", "answer": "1", "delay": delay}) for i in range(2)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return config.ExplorerConfig.model_validate({
+        "job": "u", "namespace": "n", "taskset": {"path": str(tmp_path / "train.jsonl")},
+        "rollout": {"name": "r", "model": {"path": "/m"},
+                    "engines": [{"index": 0, "url": "http://127.0.0.1:9", "rankOffset": 1, "worldSize": 1}]},
+        "explore": {"batchSize": 2, "repeatTimes": 1, "totalSteps": steps, **explore},
+        "scheduler": {"runnersPerEngine": 1, "maxRetryTimes": 0, "taskTimeoutSeconds": 1.5},
+        "experiences": {"path": str(tmp_path / "out"), "format": "jsonl"},
+    })  # fmt: skip
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_a_step_whose_wait_expires_is_committed_with_its_missing_tasks_recorded(tmp_path: Path) -> None:
+    """Issue #13: the step was committed with the tasks that finished, silently. One runner, two 1 s tasks, a 1.5 s
+    step wait: the second task is still running when the wait expires."""
+    explorer = explorer_mod.Explorer(explorer_config(tmp_path, delay=1.0))
+    asyncio.run(explorer.explore())
+    entry = sink.ExperienceSink(tmp_path / "out").manifest()["steps"]["1"]
+    assert (entry["experiences"], entry["missingTasks"]) == (1, [1])
+    assert explorer.report.missing_tasks == 1 and explorer.report.failed_tasks == 0
+    assert json.loads(explorer.report.message)["missing_tasks"] == 1
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_a_step_can_wait_past_its_timeout_for_every_task(tmp_path: Path) -> None:
+    explorer = explorer_mod.Explorer(explorer_config(tmp_path, delay=1.0, onStepTimeout="wait"))
+    asyncio.run(explorer.explore())
+    out = sink.ExperienceSink(tmp_path / "out")
+    assert out.manifest()["steps"]["1"]["missingTasks"] == []
+    assert sorted(e.task_id for e in out.read_step(1)) == [0, 1] and explorer.report.missing_tasks == 0
+
+
+def test_the_step_timeout_policy_defaults_to_commit_and_is_validated() -> None:
+    assert config.ExploreSpec().on_step_timeout == "commit"
+    with pytest.raises(ValueError, match="onStepTimeout"):
+        config.ExploreSpec.model_validate({"onStepTimeout": "drop"})
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_step_commits_and_state_writes_run_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #13: writing a step blocked the loop that also dispatches tasks and serves the status and sync APIs."""
+    threads: list[tuple[str, int]] = []
+
+    def recorded(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.get_ident()))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(sink.ExperienceSink, "commit", recorded("commit", sink.ExperienceSink.commit))
+    monkeypatch.setattr(explorer_mod, "_save_state", recorded("state", explorer_mod._save_state))
+    asyncio.run(explorer_mod.Explorer(explorer_config(tmp_path, delay=0, steps=2)).explore())
+    assert [name for name, _ in threads] == ["commit", "state", "commit", "state"]
+    assert all(ident != threading.get_ident() for _, ident in threads)  # asyncio.run's loop runs on this thread
+
+
+def test_the_explorer_state_is_written_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events = record_durability(monkeypatch)
+    explorer_mod._save_state(tmp_path, explorer_mod.ExplorerState(3, 9))
+    assert events == [("fsync", explorer_mod.STATE_FILE), ("replace", explorer_mod.STATE_FILE), ("fsync", "<dir>")]
+    assert explorer_mod.load_state(tmp_path) == explorer_mod.ExplorerState(3, 9)

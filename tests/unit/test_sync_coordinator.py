@@ -1,0 +1,318 @@
+"""The sync coordinator's HTTP API on loopback, with in-process fake engines: no vLLM, no model.
+
+What is proved here is the coordinator's own part of sync safety: bodies, the trainer lease, the version ledger
+across restarts and methods, dtype refusals and checkpoint confinement. tests/runtime/test_weight_sync.py proves the
+same against real engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from explorer import config as explorer_config
+from explorer.weight_sync import api, lease, protocol, rendezvous, versions
+from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
+from tests.conftest import free_port
+
+WEIGHTS = {"w": ("float32", [4, 4]), "ids": ("int64", [3])}
+STATE = {"w": torch.ones(4, 4), "ids": torch.arange(3)}
+
+
+class FakeEngine:
+    """Stands in for an ``EngineDriver``: answers the routes and ``ext_*`` methods the coordinator calls."""
+
+    def __init__(self, index: int, version: str | None = None):
+        self.index = index
+        self.endpoint = explorer_config.EngineEndpoint(index=index, url="http://fake", rank_offset=1 + index,
+                                                       world_size=1)  # fmt: skip
+        self.version = version
+        self.incarnation = ""
+        self.loaded: list[str] = []
+
+    async def post(self, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        if path == "/init_weight_transfer_engine":
+            self.incarnation = body["init_info"]["incarnation"] if body else ""
+        elif path == "/finish_weight_update" and body:
+            self.version = body["weight_version"]
+        elif path == "/update_weight_version" and body:
+            self.version = body["new_version"]
+        return None
+
+    async def rpc(self, method: str, *args: str, timeout: float = 30.0) -> Any:
+        if method == "ext_model_dtype":
+            return "float32"
+        if method == "ext_validate":
+            metas = [protocol.TensorMeta.model_validate(m) for m in json.loads(args[0])]
+            return protocol.check_metadata(metas, WEIGHTS, "float32")
+        if method == "ext_sync_state":
+            return {"incarnation": self.incarnation}
+        if method == "ext_load_checkpoint":
+            self.loaded.append(args[0])
+            return {"bytes": 0}
+        return True
+
+    async def weight_version(self) -> str | None:
+        return self.version
+
+
+def coordinator(tmp_path: Path, method: str = "checkpoint", engines: list[FakeEngine] | None = None,
+                **kwargs: Any) -> rendezvous.SyncCoordinator:  # fmt: skip
+    engines = engines if engines is not None else [FakeEngine(0), FakeEngine(1)]
+    cfg = explorer_config.ExplorerConfig.model_validate({
+        "job": "sync-unit", "namespace": "local",
+        "rollout": {"name": "rollout", "model": {"path": "/m", "dtype": "float32"},
+                    "engines": [e.endpoint.to_wire() for e in engines]},
+        "taskset": {"path": "builtin:arithmetic"},
+        "sync": {"method": method, "port": free_port(), "timeoutSeconds": 20,
+                 "checkpointPath": str(tmp_path / "shared")},
+        "experiences": {"path": str(tmp_path / "experiences"), "format": "jsonl"},
+    })  # fmt: skip
+    sync = rendezvous.SyncCoordinator(cfg, advertised_host="127.0.0.1", bind_host="127.0.0.1",
+                                      api_port=cfg.sync.port, **kwargs)  # fmt: skip
+    sync.engines = engines  # type: ignore[assignment]
+    return sync
+
+
+def url(sync: rendezvous.SyncCoordinator) -> str:
+    return f"http://127.0.0.1:{sync.api_port}"
+
+
+def serve(*syncs: rendezvous.SyncCoordinator, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run ``scenario`` while the coordinators serve (blocking trainer calls go through ``asyncio.to_thread``)."""
+
+    async def main() -> None:
+        for sync in syncs:
+            await sync.start()
+        try:
+            await scenario()
+        finally:
+            for sync in syncs:
+                await sync.stop()
+
+    asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def trainer_client(
+    sync: rendezvous.SyncCoordinator, trainer_id: str | None = None
+) -> AsyncIterator[TrainerClient]:
+    """A real client; closed off the loop (its leave call needs the coordinator, which runs on this loop)."""
+    client = TrainerClient(url(sync), trainer_id=trainer_id)
+    try:
+        yield client
+    finally:
+        await asyncio.to_thread(client.close)
+
+
+def metas(**dtypes: str) -> list[dict[str, Any]]:
+    return [{"name": n, "dtype": dtypes.get(n, d), "shape": s} for n, (d, s) in WEIGHTS.items()]
+
+
+def test_bad_json_and_wrong_messages_are_400s_with_a_message(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync)) as http:
+            for path in ("/v1/sync/group", "/v1/sync/push", "/v1/sync/checkpoint"):
+                response = await http.post(path, content=b"{not json")
+                assert response.status_code == 400, (path, response.text)
+                assert response.json()["error"].startswith("invalid request body: body: Invalid JSON")
+            response = await http.post("/v1/sync/group", content=b"[]")
+            assert response.status_code == 400 and "Input should be an object" in response.json()["error"]
+            response = await http.post("/v1/sync/group", json={"tensors": [{"name": "w", "dtype": "float32"}]})
+            assert response.status_code == 400 and "tensors.0.shape: Field required" in response.json()["error"]
+            response = await http.post("/v1/sync/push/latest/result")
+            assert response.status_code == 404  # not an int: no such route, never a 500
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_body_over_the_limit_is_a_413_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "MAX_BODY_BYTES", 1 << 20)
+    sync = coordinator(tmp_path)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync)) as http:
+            response = await http.post("/v1/sync/group", content=b" " * ((1 << 20) + 1024))
+            assert response.status_code == 413
+            assert response.json()["error"] == "request body over the 1 MiB limit"
+            assert (await http.post("/v1/sync/group", json={"tensors": metas()})).status_code == 200
+
+    serve(sync, scenario=scenario)
+
+
+def test_versions_increase_across_a_restart_and_a_trainer_may_not_go_back(tmp_path: Path) -> None:
+    first = coordinator(tmp_path)
+
+    async def two_pushes() -> None:
+        async with trainer_client(first) as trainer:
+            assert [(await asyncio.to_thread(trainer.push, STATE)).version for _ in range(2)] == [1, 2]
+
+    serve(first, scenario=two_pushes)
+    assert versions.load_version(tmp_path / "experiences") == 2
+    # Restarted engines serve the weights from disk and report no version: only the ledger remembers.
+    restarted = coordinator(tmp_path)
+
+    async def after_restart() -> None:
+        assert restarted.version is None and restarted.newest_version == 2
+        async with trainer_client(restarted) as trainer:
+            with pytest.raises(SyncRefusedError, match="version 2 is not newer than the current policy version 2"):
+                await asyncio.to_thread(trainer.push, STATE, 2)
+            assert (await asyncio.to_thread(trainer.push, STATE)).version == 3
+            assert (await asyncio.to_thread(trainer.push, STATE, 10)).version == 10
+
+    serve(restarted, scenario=after_restart)
+    assert versions.load_version(tmp_path / "experiences") == 10
+
+
+def test_a_broadcast_and_a_checkpoint_coordinator_of_one_job_never_share_a_version(tmp_path: Path) -> None:
+    """A checkpoint push and a broadcast push once both got version 4."""
+    engines = [FakeEngine(0), FakeEngine(1)]
+    by_broadcast = coordinator(tmp_path, "gloo", engines)
+    by_checkpoint = coordinator(tmp_path, "checkpoint", engines)
+    headers = {lease.HEADER: "trainer-a"}
+
+    async def broadcast_push(http: httpx.AsyncClient) -> int:
+        group = (await http.post("/v1/sync/group", json={"tensors": metas()}, headers=headers)).json()
+        assert (await http.post(f"/v1/sync/group/{group['incarnation']}/joined", headers=headers)).status_code == 200
+        body = {"incarnation": group["incarnation"], "tensors": metas()}
+        accepted = (await http.post("/v1/sync/push", json=body, headers=headers)).json()["version"]
+        result = await http.post(f"/v1/sync/push/{accepted}/result", headers=headers)
+        assert result.status_code == 200, result.text
+        version: int = result.json()["version"]
+        return version
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(by_broadcast)) as http:
+            assert await broadcast_push(http) == 1
+            async with trainer_client(by_checkpoint, "trainer-b") as trainer:
+                assert (await asyncio.to_thread(trainer.push, STATE)).version == 2
+            assert await broadcast_push(http) == 3  # its own memory says 1: the ledger says 2
+            assert [e.version for e in engines] == ["3", "3"]
+
+    serve(by_broadcast, by_checkpoint, scenario=scenario)
+
+
+def test_a_second_trainer_gets_409_naming_the_holder_until_the_first_closes(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path)
+
+    async def scenario() -> None:
+        first = TrainerClient(url(sync), trainer_id="trainer-a@host-1")
+        await asyncio.to_thread(first.push, STATE)
+        async with trainer_client(sync, "trainer-b@host-2") as second:
+            with pytest.raises(SyncRefusedError, match="held by trainer 'trainer-a@host-1'") as refused:
+                await asyncio.to_thread(second.setup, STATE)
+            assert refused.value.status == 409
+            assert sync.state().extra == {"trainer": "trainer-a@host-1"}
+            assert (await asyncio.to_thread(first.push, STATE)).version == 2, "the owner's group is untouched"
+            await asyncio.to_thread(first.close)
+            assert (await asyncio.to_thread(second.push, STATE)).version == 3
+            assert sync.state().extra == {"trainer": "trainer-b@host-2"}
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_silent_trainers_lease_lapses_and_it_is_then_refused_naming_the_new_holder(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path, lease_seconds=0.3)
+
+    async def scenario() -> None:
+        async with trainer_client(sync, "trainer-a") as first, trainer_client(sync, "trainer-b") as second:
+            await asyncio.to_thread(first.push, STATE)
+            await asyncio.sleep(0.4)
+            assert (await asyncio.to_thread(second.push, STATE)).version == 2
+            with pytest.raises(SyncRefusedError, match="held by trainer 'trainer-b'"):
+                await asyncio.to_thread(first.push, STATE)
+
+    serve(sync, scenario=scenario)
+
+
+def test_metadata_in_another_dtype_than_the_served_one_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path, "gloo")
+    headers = {lease.HEADER: "trainer-a"}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync), headers=headers) as http:
+            # The group holds what the trainer has (float64 master weights): checked as cast to the served dtype.
+            group = await http.post("/v1/sync/group", json={"tensors": metas(w="float64")})
+            assert group.status_code == 200 and group.json()["dtype"] == "float32"
+            incarnation = group.json()["incarnation"]
+            assert (await http.post(f"/v1/sync/group/{incarnation}/joined")).status_code == 200
+            # A push declares what engines will stage: it must be the served dtype exactly.
+            for dtype in ("float64", "bfloat16", "complex64"):
+                body = {"incarnation": incarnation, "tensors": metas(w=dtype)}
+                response = await http.post("/v1/sync/push", json=body)
+                assert response.status_code == 422, response.text
+                assert "tensor 'w'" in response.json()["error"] and dtype in response.json()["error"]
+            response = await http.post(
+                "/v1/sync/push", json={"incarnation": incarnation, "tensors": metas(ids="int32")}
+            )
+            assert response.status_code == 422 and "'ids' has dtype int32" in response.json()["error"]
+        assert sync.version is None and sync.syncs == 0
+
+    serve(sync, scenario=scenario)
+
+
+def test_checkpoint_directories_outside_the_checkpoint_path_are_refused(tmp_path: Path) -> None:
+    engines = [FakeEngine(0), FakeEngine(1)]
+    sync = coordinator(tmp_path, engines=engines)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "escape").symlink_to(outside)
+    headers = {lease.HEADER: "trainer-a"}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync), headers=headers) as http:
+            incarnation = (await http.post("/v1/sync/group", json={"tensors": metas()})).json()["incarnation"]
+            for directory in (str(outside), str(tmp_path / "shared" / ".." / "elsewhere"),
+                              str(tmp_path / "shared" / "escape"), "/etc"):  # fmt: skip
+                body = {"incarnation": incarnation, "checkpointDir": directory}
+                response = await http.post("/v1/sync/checkpoint", json=body)
+                assert response.status_code == 422, response.text
+                assert "not inside sync.checkpointPath" in response.json()["error"]
+        assert all(e.loaded == [] for e in engines), "no engine was asked to read anything"
+        async with trainer_client(sync, "trainer-a") as trainer:  # writes inside the path: served
+            assert (await asyncio.to_thread(trainer.push, STATE)).engines_in_sync == 2
+        assert all(Path(e.loaded[0]).parent == (tmp_path / "shared").resolve() for e in engines)
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_job_without_a_checkpoint_path_takes_no_checkpoint_pushes(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path, "gloo")
+    sync.config.sync.checkpoint_path = None
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync)) as http:
+            incarnation = (await http.post("/v1/sync/group", json={"tensors": metas()})).json()["incarnation"]
+            assert (await http.post(f"/v1/sync/group/{incarnation}/joined")).status_code == 200
+            body = {"incarnation": incarnation, "checkpointDir": str(tmp_path)}
+            response = await http.post("/v1/sync/checkpoint", json=body)
+            assert response.status_code == 400 and "no sync.checkpointPath" in response.json()["error"]
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_damaged_ledger_refuses_pushes_naming_the_file_but_the_coordinator_serves(tmp_path: Path) -> None:
+    (tmp_path / "experiences").mkdir()
+    (tmp_path / "experiences" / versions.STATE_FILE).write_text("{torn")
+    sync = coordinator(tmp_path)
+
+    async def scenario() -> None:
+        async with trainer_client(sync) as trainer:
+            with pytest.raises(SyncRefusedError, match=f"{versions.STATE_FILE} is not a sync state file") as refused:
+                await asyncio.to_thread(trainer.push, STATE)
+            assert refused.value.status == 500
+        assert sync.version is None
+
+    serve(sync, scenario=scenario)
