@@ -62,6 +62,8 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
 
 FROM local-python AS operator-local
+# The numeric users have no passwd entry: libraries asking getpass for a user name read these first.
+ENV USER=explorer-operator LOGNAME=explorer-operator
 COPY --from=pyenv / /opt/venv/
 COPY explorer /opt/venv/lib/python3.11/site-packages/explorer
 COPY operator/explorer_operator /opt/venv/lib/python3.11/site-packages/explorer_operator
@@ -74,7 +76,7 @@ FROM local-python AS runtime-cpu
 COPY --from=pyenv / /opt/venv/
 COPY explorer /opt/venv/lib/python3.11/site-packages/explorer
 COPY operator/explorer_operator /opt/venv/lib/python3.11/site-packages/explorer_operator
-ENV HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+ENV HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 USER=explorer LOGNAME=explorer
 USER 1000:1000
 WORKDIR /tmp
 ENTRYPOINT []

@@ -6,10 +6,13 @@ PYTEST_ARGS ?=
 .PHONY: install controlplane lint test demo explore-demo plane plane-down chart-install bench clean
 
 install:
+	@scripts/install-host.sh
 	@scripts/install.sh
 
+# The plane's and the real nodes' binaries, and the images real nodes run (each cached by input hash).
 controlplane: install
-	@$(VENV)/bin/kubeplane build
+	@$(VENV)/bin/kubeplane build --all
+	@$(VENV)/bin/kubeplane images
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -20,7 +23,8 @@ lint: install
 test: controlplane lint
 	$(PY) -m pytest $(PYTEST_ARGS); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
 
-# Local plane + CRD + operator + examples/; Ctrl-C tears it all down.
+# On real pods: plane with a real node, the chart-installed operator, the CPU example job and a trainer pod,
+# with the job's progress refreshed in the terminal; Ctrl-C tears it all down.
 demo: controlplane
 	$(PY) -m explorer_operator.demo
 
@@ -28,9 +32,9 @@ demo: controlplane
 explore-demo: install
 	$(PY) -m explorer demo
 
-# Only the local plane, in the background, for poking with kubectl.
+# Only the local plane (4 fake GPU nodes and one real node), in the background, for poking with kubectl.
 plane: controlplane
-	@$(VENV)/bin/kubeplane cluster up
+	@$(VENV)/bin/kubeplane cluster up --real-nodes 1
 
 plane-down: install
 	@$(VENV)/bin/kubeplane cluster down
@@ -38,7 +42,8 @@ plane-down: install
 # The Helm chart into the plane started by `make plane` (one command; the operator image is not pulled by kwok).
 chart-install: install
 	@eval "$$($(VENV)/bin/kubeplane cluster env)" && helm upgrade --install explorer-operator helm/explorer-operator \
-		--namespace explorer-system --create-namespace --wait --timeout 120s && kubectl get deploy,pods -n explorer-system
+		--namespace explorer-system --create-namespace -f examples/local/operator-values.yaml --wait --timeout 300s \
+		&& kubectl get deploy,pods -n explorer-system -o wide
 
 bench: controlplane
 	$(PY) bench/controlplane.py

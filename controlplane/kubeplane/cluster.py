@@ -30,7 +30,7 @@ import psutil
 import yaml
 from kubernetes import client, config
 
-from kubeplane import build, cgroups, images, netplan, nodeconfig, pki, procs, realnode, slots
+from kubeplane import build, cgroups, image_store, images, netplan, nodeconfig, pki, procs, realnode, slots
 from kubeplane import nodes as fake_nodes
 
 WORKDIR_PREFIX = "kubeplane-"
@@ -130,6 +130,7 @@ class LocalCluster:
         self.images: dict[str, images.Image] = {}
         self._slot: slots.SlotLock | None = None
         self._cgroups: cgroups.CgroupTree | None = None
+        self._stores: list[image_store.Store] = []
 
     # ---- public surface ---------------------------------------------------------------------------
     @property
@@ -231,6 +232,9 @@ class LocalCluster:
         if self._slot is not None:
             self._slot.release()
             self._slot = None
+        for store in self._stores:
+            store.release()
+        self._stores.clear()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -447,6 +451,7 @@ class LocalCluster:
                 plan=plan,
                 nodes=count,
                 cgroup_root=f"{self._cgroups.path}/node-{index}",
+                containerd_root=self._image_store(index),
             )
             self.real_nodes.append(realnode.RealNode(
                 layout, self._pki, f"https://{plan.host_ip}:{port}", self._cgroups, self._spawn,
@@ -460,12 +465,22 @@ class LocalCluster:
         for node in self.real_nodes:
             node.write_configs()
             node.start_containerd()
+            node.remove_stale_containers()
             for image in self.images.values():
-                self.timings[f"import_{image.name}_{node.name}"] = node.import_image(image.archive)
+                seconds = node.import_image(image.archive, image.ref, image.digest)
+                self.timings[f"import_{image.name}_{node.name}"] = seconds
             node.start_node_daemons({nodeconfig.REAL_NODE_LABEL: "true"})
         self._wait_real_nodes_ready()
         for node in self.real_nodes:
             node.start_addons()
+
+    def _image_store(self, index: int) -> Path | None:
+        """Node ``index``'s kept image store when no other live plane holds it, else None (a fresh one)."""
+        store = image_store.acquire(index)
+        if store is None:
+            return None
+        self._stores.append(store)
+        return store.path
 
     def _wait_real_nodes_ready(self) -> None:
         deadline = time.monotonic() + max(self.cfg.ready_timeout, 120)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterable
@@ -58,6 +59,23 @@ class Image:
     def size(self) -> int:
         return self.archive.stat().st_size
 
+    @property
+    def digest(self) -> str:
+        """The manifest digest the archive's index names (what containerd lists for the imported image)."""
+        return archive_digest(self.archive)
+
+
+def archive_digest(archive: Path) -> str:
+    sidecar = archive.with_suffix(".digest")
+    if sidecar.is_file():
+        return sidecar.read_text().strip()
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None, f"{archive} has no index.json"
+        digest = str(json.load(member)["manifests"][0]["digest"])
+    sidecar.write_text(digest)
+    return digest
+
 
 def images_dir() -> Path:
     return paths.cache_dir() / "images"
@@ -87,7 +105,7 @@ def _cached(name: str, key: str) -> Path:
 
 def _finish(name: str, key: str, staging: Path) -> Path:
     final = _cached(name, key)
-    for old in images_dir().glob(f"{name}-*.tar"):
+    for old in [*images_dir().glob(f"{name}-*.tar"), *images_dir().glob(f"{name}-*.digest")]:
         old.unlink(missing_ok=True)
     staging.rename(final)
     return final

@@ -36,6 +36,8 @@ class NodeLayout:
     plan: NetPlan
     nodes: int
     cgroup_root: str
+    # containerd's image and snapshot store: kept between planes (see images_store.py), or inside ``directory``.
+    containerd_root: Path | None = None
 
     @property
     def ip(self) -> str:
@@ -75,7 +77,7 @@ def containerd_config(node: NodeLayout) -> str:
     runc = f"{cri_runtime}.containerd.runtimes.runc"
     top = {
         "version": 3,
-        "root": str(node.path("containerd", "root")),
+        "root": str(node.containerd_root or node.path("containerd", "root")),
         "state": "/run/containerd",  # node-private: a bind mount in the node's mount namespace
     }
     tables: dict[str, dict[str, Any]] = {

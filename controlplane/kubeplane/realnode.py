@@ -44,6 +44,14 @@ def in_node(holder_pid: int, argv: Sequence[str]) -> list[str]:
     return ["nsenter", "-t", str(holder_pid), "-n", "-m", "--", *argv]
 
 
+def normalized_ref(ref: str) -> str:
+    """The name containerd gives an image reference without a registry host (``docker.io/...``)."""
+    first = ref.split("/", 1)[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost"):
+        return ref
+    return f"docker.io/{ref}" if "/" in ref else f"docker.io/library/{ref}"
+
+
 def kubeconfig_for(server: str, ca: Path, cert: Path, key: Path) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -258,13 +266,27 @@ class RealNode:
             ]
         )
 
-    def import_image(self, archive: Path) -> float:
+    def image_digests(self) -> dict[str, str]:
+        """{ref: manifest digest} of the images this node's containerd holds."""
+        out = run(self.ctr(["images", "ls"]), timeout=60).stdout.splitlines()[1:]
+        return {fields[0]: fields[2] for fields in (line.split() for line in out) if len(fields) > 2}
+
+    def import_image(self, archive: Path, ref: str, digest: str) -> float:
+        """Import an image archive unless the store already holds ``ref`` at ``digest``; returns seconds spent."""
+        held = self.image_digests()
+        if digest in (held.get(ref), held.get(normalized_ref(ref))):
+            return 0.0
         started = time.monotonic()
-        run(
-            self.ctr(["images", "import", "--no-unpack=false", "--snapshotter", "overlayfs", str(archive)]),
-            timeout=1800,
-        )
+        run(self.ctr(["images", "import", "--snapshotter", "overlayfs", str(archive)]), timeout=1800)
         return time.monotonic() - started
+
+    def remove_stale_containers(self) -> None:
+        """A kept image store may still list the containers of an earlier plane's pods: remove them before kubelet
+        starts (their processes and namespaces died with that plane)."""
+        for kind in ("containers", "sandboxes"):
+            listed = run(self.ctr([kind, "ls", "-q"]), check=False, timeout=60).stdout.split()
+            if listed:
+                run(self.ctr([kind, "rm", *listed]), check=False, timeout=120)
 
     def start_node_daemons(self, labels: dict[str, str]) -> None:
         lay = self.layout

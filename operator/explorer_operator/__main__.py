@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 
 import kopf
+from kopf._core.engines import peering
 from prometheus_client import start_http_server
 
 from explorer_operator import handlers, leadership
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=args.namespace,
             clusterwide=not args.namespace,
             liveness_endpoint=args.liveness,
+            # kopf's default identity asks the passwd database for the user, which a non-root image built with a
+            # numeric USER (65532, as restricted pods run) does not have: name this replica by host and pid.
+            identity=peering.Identity(f"{socket.gethostname()}/{os.getpid()}"),
         )
     )
     return 0

@@ -1,95 +1,124 @@
-"""The main job on the embedded default: local plane + CRD + operator + the examples, until Ctrl-C.
+"""The main job on the embedded default, on real pods: ``make demo`` (``python -m explorer_operator.demo``).
 
-``python -m explorer_operator.demo`` (``make demo``) brings everything up on loopback, applies every manifest in
-``examples/``, waits until each job is Running with its engines on fake GPU nodes, prints ``kubectl get``, and
-tears everything down on exit (``--exit-when-running`` returns at once, for scripts and CI).
+It starts the local plane with one real node (kubelet, containerd, cluster DNS, enforced NetworkPolicy), builds or
+finds the images, installs the operator with the Helm chart, applies the CPU example job (two vLLM engines on a
+tiny model made locally) and a reference trainer pod that pushes weights through ``status.sync.address``, then shows
+the job's phase, step, policy version and experiences, refreshed, until Ctrl-C (which tears everything down).
+``--exit-when-done`` returns once the job has succeeded (scripts, CI). Every wait is bounded and reports what it
+last saw; a failing command's stderr is shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
-from explorer_operator.local import running_operator
-from kubeplane import cluster, paths
+import yaml
 
-# The examples mount a `model-cache` claim; the local plane has no provisioner, so the demo binds one statically.
-MODEL_CACHE = """
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: demo-model-cache}
-spec:
-  capacity: {storage: 100Gi}
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  hostPath: {path: /models}
-  claimRef: {namespace: default, name: model-cache}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: model-cache, namespace: default}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: demo-model-cache
-  resources: {requests: {storage: 100Gi}}
-"""
+from explorer_operator import demo_stack
+from kubeplane import cluster
+
+NAMESPACE = "default"
 
 
-def kubectl(local: cluster.LocalCluster, *args: str, text_input: str | None = None) -> str:
-    return subprocess.run(
-        ["kubectl", *args], env=local.env(), input=text_input, capture_output=True, text=True, check=True, timeout=120
-    ).stdout
+def coordinator_report(plane: cluster.LocalCluster, job: str) -> dict[str, Any]:
+    """The coordinator's own status API, read from inside its pod (no proxy through the API server)."""
+    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/status', timeout=3).read().decode())"
+    try:
+        out = demo_stack.kubectl(plane, "exec", "-n", NAMESPACE, f"{job}-coordinator", "--", "python3", "-c", probe,
+                                 timeout=20)  # fmt: skip
+        return dict(json.loads(out))
+    except (demo_stack.StackError, ValueError):
+        return {}
 
 
-def wait_running(local: cluster.LocalCluster, names: list[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        phases = kubectl(local, "get", "ej", "-o", "jsonpath={range .items[*]}{.metadata.name}={.status.phase} {end}")
-        state = dict(item.split("=", 1) for item in phases.split())
-        if all(state.get(n) == "Running" for n in names):
-            return
-        failed = [n for n in names if state.get(n) == "Failed"]
-        if failed:
-            raise SystemExit(f"jobs failed: {failed}\n{kubectl(local, 'describe', 'ej', *failed)}")
-        time.sleep(0.5)
-    raise SystemExit(f"jobs not Running after {timeout:.0f}s:\n{kubectl(local, 'get', 'ej', '-o', 'yaml')}")
+def render(status: dict[str, Any], report: dict[str, Any], trainer: str, elapsed: float) -> str:
+    engines = status.get("engines", {})
+    conditions = " ".join(f"{c['type']}={c['status']}" for c in status.get("conditions", []))
+    lines = [
+        f"ExplorerJob cpu-tiny on a real node  ({elapsed:.0f}s since start; Ctrl-C tears everything down)",
+        "",
+        f"  phase            {status.get('phase', '-')}",
+        f"  step             {status.get('step', 0)} / {status.get('totalSteps', '-')}",
+        f"  policy version   {status.get('policyVersion', '-')}",
+        f"  engines          {engines.get('ready', 0)} ready / {engines.get('desired', 0)} desired, "
+        f"{engines.get('inSync', 0)} in sync",
+        f"  experiences      {report.get('experiences', '-')} "
+        f"(last step {report.get('experiencesPerSecond') or '-'}/s)",
+        f"  sync address     {(status.get('sync') or {}).get('address', '-')}",
+        f"  conditions       {conditions}",
+        f"  trainer pod      {trainer}",
+        f"  coordinator      {report.get('message', '')}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="explorer-demo", description=__doc__)
-    parser.add_argument("--exit-when-running", action="store_true", help="tear down as soon as the jobs run")
-    parser.add_argument("--examples", type=Path, default=paths.repo_root() / "examples")
+    parser = argparse.ArgumentParser(prog="explorer-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--exit-when-done", action="store_true", help="return once the job has succeeded")
+    parser.add_argument("--total-steps", type=int, default=20, help="steps the demo job explores")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each stage")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # tear down through the context managers
     started = time.monotonic()
-    with cluster.LocalCluster() as local:
-        print(f"local plane up in {local.timings['total']:.1f}s ({len(local.node_names)} fake 8-GPU nodes)")
-        kubectl(local, "apply", "--server-side", "-f", str(paths.repo_root() / "crds"))
-        kubectl(local, "wait", "--for=condition=Established", "crd/explorerjobs.explorer.rft.dev")
-        assert local.workdir is not None
-        with running_operator(local, local.workdir / "operator.log") as operator:
-            operator.wait_live()
-            kubectl(local, "apply", "-f", "-", text_input=MODEL_CACHE)
-            manifests = sorted(args.examples.glob("*.yaml"))
-            kubectl(local, "apply", *[a for m in manifests for a in ("-f", str(m))])
-            names = kubectl(local, "get", "ej", "-o", "jsonpath={.items[*].metadata.name}").split()
-            wait_running(local, names, timeout=120)
-            print(f"all {len(names)} job(s) Running {time.monotonic() - started:.1f}s after start\n")
-            print(kubectl(local, "get", "ej", "-o", "wide"))
-            print(kubectl(local, "get", "pods", "-o", "wide"))
-            if args.exit_when_running:
+    cfg = cluster.ClusterConfig(nodes=0, real_nodes=1, images=("operator", "runtime-cpu"))
+    print("starting the local plane with one real node (first run builds binaries and images) ...", flush=True)
+    with cluster.LocalCluster(cfg) as plane:
+        timings = ", ".join(f"{k} {v:.0f}s" for k, v in plane.timings.items() if v >= 1)
+        print(f"plane up in {plane.timings['total']:.0f}s ({timings})", flush=True)
+        demo_stack.install_operator(plane)
+        print("operator installed with the Helm chart (a pod of the operator image)", flush=True)
+        demo_stack.model_volume(plane, NAMESPACE)
+        job = yaml.safe_load(demo_stack.CPU_JOB.read_text())
+        job["spec"]["explore"]["totalSteps"] = args.total_steps
+        name = job["metadata"]["name"]
+        demo_stack.apply(plane, NAMESPACE, [job])
+        address = wait(plane, name, lambda s: (s.get("sync") or {}).get("address"), args.timeout, "a sync address")
+        pushes = max(1, args.total_steps // job["spec"]["sync"]["interval"] - 1)
+        demo_stack.apply(plane, NAMESPACE, demo_stack.trainer_objects(name, address, pushes=pushes, interval=5.0))
+        print(f"job {name} applied; trainer pod pushing {pushes} versions to {address}", flush=True)
+        return watch(plane, name, args, started)
+    return 0
+
+
+def wait(plane: cluster.LocalCluster, job: str, ready: Any, timeout: float, what: str) -> Any:
+    deadline, last = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        last = demo_stack.job_status(plane, NAMESPACE, job)
+        if value := ready(last):
+            return value
+        if last.get("phase") == "Failed":
+            break
+        time.sleep(1)
+    raise SystemExit(f"{job}: no {what} after {timeout:.0f}s; last status:\n{yaml.safe_dump(last)}")
+
+
+def watch(plane: cluster.LocalCluster, job: str, args: argparse.Namespace, started: float) -> int:
+    tty = sys.stdout.isatty()
+    deadline = time.monotonic() + args.timeout
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            status = demo_stack.job_status(plane, NAMESPACE, job)
+            report = coordinator_report(plane, job) if status.get("phase") in ("Running", "Initializing") else {}
+            trainer = demo_stack.kubectl(plane, "get", "pod", "trainer", "-n", NAMESPACE, "-o",
+                                         "jsonpath={.status.phase}")  # fmt: skip
+            screen = render(status, report, trainer, time.monotonic() - started)
+            print(("\x1b[H\x1b[2J" + screen) if tty else screen + "\n", flush=True)
+            phase = status.get("phase")
+            if phase == "Failed":
+                print(demo_stack.kubectl(plane, "describe", "ej", job, "-n", NAMESPACE))
+                return 1
+            if phase == "Succeeded" and args.exit_when_done:
                 return 0
-            print(f"KUBECONFIG={local.kubeconfig}  (kubectl, helm: {local.binary('kubectl').parent})")
-            print("Ctrl-C tears everything down.")
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            if args.exit_when_done and time.monotonic() > deadline:
+                print(f"the job did not succeed within {args.timeout:.0f}s")
+                return 1
+            time.sleep(3)
     return 0
 
 

@@ -1,0 +1,62 @@
+"""A reference trainer beside an ExplorerJob: it knows only the job's ``status.sync.address`` and the model.
+
+Each round it makes a toy update of the tiny model's weights (a seeded redraw, so anyone can recompute exactly what
+was pushed) and pushes it to every engine of the job through ``TrainerClient``; one JSON line per push. A real
+trainer replaces ``toy_update`` with its optimizer step. Run it in a pod labelled
+``explorer.rft.dev/trainer-for=<job>`` (the job's NetworkPolicy admits only such pods to the sync ports)::
+
+    python3 trainer.py --address "$(kubectl get ej cpu-tiny -o jsonpath='{.status.sync.address}')" \\
+        --model /models/tiny --pushes 2 --seed 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from explorer.weight_sync.trainer import TrainerClient
+
+
+def toy_update(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+    """The tiny model's tensors redrawn from N(0, 0.2) with ``seed``: visibly different outputs, reproducible."""
+    original = load_file(str(model_dir / "model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(t.shape, generator=generator) * 0.2 for name, t in sorted(original.items())}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", required=True, help="the job's status.sync.address")
+    parser.add_argument("--model", type=Path, required=True, help="directory with model.safetensors")
+    parser.add_argument("--pushes", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7, help="push i uses seed + i")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between pushes")
+    args = parser.parse_args(argv)
+    with TrainerClient(args.address) as client:
+        for i in range(args.pushes):
+            result = client.push(toy_update(args.model, args.seed + i))
+            print(
+                json.dumps(
+                    {
+                        "push": i,
+                        "seed": args.seed + i,
+                        "version": result.version,
+                        "engines_in_sync": result.engines_in_sync,
+                        "engines": result.engines,
+                        "seconds": round(result.seconds, 3),
+                    }
+                ),
+                flush=True,
+            )
+            time.sleep(args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,171 @@
+"""What a user does, on real pods: install the operator with the Helm chart, apply the CPU example job, run a trainer
+pod beside it that knows only ``status.sync.address``, and watch the job explore, sync and succeed.
+
+One job serves every test in this module (engines take minutes to start on two cores); the tests run in order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kubernetes import client
+
+from explorer_operator import demo_stack
+from kubeplane.cluster import LocalCluster
+from tests.e2e import pods
+from tests.runtime import sync_support
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+NAMESPACE = "rollouts"
+JOB = "cpu-tiny"
+TRAINER_SEED = 7
+TRAINER_LABEL = demo_stack.TRAINER_LABEL
+
+
+def load_trainer_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_trainer", demo_stack.TRAINER_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def operator_installed(real_plane: LocalCluster) -> Iterator[None]:
+    """The operator as a pod of the operator image, installed by the chart, running with the chart's ServiceAccount."""
+    demo_stack.install_operator(real_plane)
+    yield
+    demo_stack.uninstall_operator(real_plane)
+
+
+@pytest.fixture(scope="module")
+def model_volume(real_plane: LocalCluster, real_api: client.ApiClient) -> Path:
+    client.CoreV1Api(real_api).create_namespace({"metadata": {"name": NAMESPACE}})
+    return demo_stack.model_volume(real_plane, NAMESPACE)
+
+
+def job_status(real_plane: LocalCluster) -> dict[str, Any]:
+    return demo_stack.job_status(real_plane, NAMESPACE, JOB)
+
+
+@pytest.fixture(scope="module")
+def running_job(real_plane: LocalCluster, operator_installed: None, model_volume: Path) -> dict[str, Any]:
+    demo_stack.kubectl(real_plane, "apply", "-n", NAMESPACE, "-f", str(demo_stack.CPU_JOB))
+    return wait_for(
+        lambda: (s := job_status(real_plane)).get("engines", {}).get("ready") == 2 and s,
+        timeout=900,
+        what="both CPU engines Ready",
+    )
+
+
+def port_forward(plane: LocalCluster, pod: str, port: int) -> tuple[subprocess.Popen[str], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        local = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        ["kubectl", "port-forward", "-n", NAMESPACE, f"pod/{pod}", f"{local}:{port}"],
+        env=plane.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{local}"
+    wait_for(lambda: _healthy(url), timeout=30, what=f"port-forward to {pod}")
+    return proc, url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def engine_pods(api: client.ApiClient) -> list[str]:
+    items = client.CoreV1Api(api).list_namespaced_pod(NAMESPACE, label_selector="explorer.rft.dev/role=engine").items
+    return sorted(p.metadata.name for p in items)
+
+
+def test_job_pods_run_on_the_real_node_and_the_sync_address_resolves(
+    real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any]
+) -> None:
+    address = running_job["sync"]["address"]
+    assert address.startswith(f"{JOB}-sync.{NAMESPACE}.svc")
+    host = address.rsplit(":", 1)[0]
+    resolve = f"import socket; print(socket.gethostbyname({host + '.cluster.local'!r}))"
+    pods.apply(real_plane, NAMESPACE, pods.python_pod("resolve-sync", resolve))
+    pods.wait_phase(real_api, NAMESPACE, "resolve-sync", {"Succeeded"}, timeout=120)
+    coordinator = client.CoreV1Api(real_api).read_namespaced_pod(f"{JOB}-coordinator", NAMESPACE)
+    assert pods.logs(real_plane, NAMESPACE, "resolve-sync").strip() == coordinator.status.pod_ip
+    for name in [f"{JOB}-coordinator", *engine_pods(real_api)]:
+        pod = client.CoreV1Api(real_api).read_namespaced_pod(name, NAMESPACE)
+        assert pod.spec.node_name.startswith("real-"), name
+
+
+def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
+    real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any]
+) -> None:
+    sync_url = f"http://{running_job['sync']['address']}/v1/sync"
+    engine_host = f"{engine_pods(real_api)[0]}.{JOB}-engines.{NAMESPACE}.svc.cluster.local"
+    script = (
+        "import socket, sys\n"
+        "for host, port in [(sys.argv[1], int(sys.argv[2])), (sys.argv[3], 8000)]:\n"
+        "    try:\n"
+        "        socket.create_connection((host, port), timeout=3).close(); print('open')\n"
+        "    except OSError as err:\n"
+        "        print('closed')\n"
+    )
+    sync_host, sync_port = running_job["sync"]["address"].rsplit(":", 1)
+    outcomes = {}
+    for name, labels in (("stranger", {"app": "stranger"}), ("trainer-probe", {TRAINER_LABEL: JOB})):
+        pod = pods.python_pod(name, script, labels=labels)
+        pod["spec"]["containers"][0]["args"] = [sync_host, sync_port, engine_host]
+        pods.apply(real_plane, NAMESPACE, pod)
+        pods.wait_phase(real_api, NAMESPACE, name, {"Succeeded", "Failed"}, timeout=120)
+        outcomes[name] = pods.logs(real_plane, NAMESPACE, name).split()
+    # sync port, engine HTTP port (the vLLM dev routes): a stranger reaches neither, a trainer only the sync port.
+    assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"]}, (outcomes, sync_url)
+
+
+def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
+    real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any], model_volume: Path
+) -> None:
+    address = running_job["sync"]["address"]
+    demo_stack.apply(real_plane, NAMESPACE, demo_stack.trainer_objects(JOB, address, seed=TRAINER_SEED))
+    phase = pods.wait_phase(real_api, NAMESPACE, "trainer", {"Succeeded", "Failed"}, timeout=600)
+    out = pods.logs(real_plane, NAMESPACE, "trainer")
+    assert phase == "Succeeded", out
+    pushed = json.loads(out.strip().splitlines()[-1])
+    assert pushed["engines_in_sync"] == pushed["engines"] == 2
+
+    status = wait_for(
+        lambda: (s := job_status(real_plane)).get("phase") == "Succeeded" and s, timeout=900, what="job Succeeded"
+    )
+    assert status["step"] == status["totalSteps"]
+    assert status["policyVersion"] == pushed["version"]
+    synced = {c["type"]: c["status"] for c in status["conditions"]}
+    assert synced.get("Synced") == "True", status["conditions"]
+    printed = demo_stack.kubectl(real_plane, "get", "ej", JOB, "-n", NAMESPACE)
+    assert "Succeeded" in printed
+
+    # Both engines serve exactly the pushed weights: their logprobs match an HF forward pass of them.
+    state = load_trainer_module().toy_update(model_volume, TRAINER_SEED)
+    for pod in engine_pods(real_api):
+        forward, url = port_forward(real_plane, pod, 8000)
+        try:
+            error = sync_support.max_logprob_error(sync_support.engine_logprobs(url), model_volume, state)
+        finally:
+            forward.terminate()
+            forward.wait(timeout=10)
+        assert error < 2e-4, f"{pod} serves weights that differ from the push (max logprob error {error})"
