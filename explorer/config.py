@@ -55,11 +55,19 @@ class SchedulerSpec(WireModel):
     )
 
 
+# Tasksets the runtime makes in memory (explorer.taskset), named in place of a path.
+BUILTIN_TASKSETS = ("builtin:arithmetic",)
+
+
 class TasksetSpec(WireModel):
     """A taskset file on a mounted volume."""
 
     name: str = Field(default="train", min_length=1, max_length=63, description="Name used in metrics.")
-    path: str = Field(min_length=1, description="Absolute path of a JSONL or Parquet file (or directory) in the pod.")
+    path: str = Field(
+        min_length=1,
+        description="Absolute path of a JSONL or Parquet file (or directory) in the pod, or a built-in taskset "
+        "(builtin:arithmetic).",
+    )
     format: Literal["jsonl", "parquet"] | None = Field(default=None, description="File format; inferred if unset.")
     prompt_key: str = Field(default="question", description="Field holding the prompt.")
     response_key: str = Field(default="answer", description="Field holding the reference answer.")

@@ -17,7 +17,7 @@ from explorer import config
 from explorer.workflows import Task
 
 log = logging.getLogger(__name__)
-BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_ARITHMETIC = config.BUILTIN_TASKSETS[0]
 
 
 @dataclasses.dataclass(frozen=True)

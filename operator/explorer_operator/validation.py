@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from explorer.config import BUILTIN_TASKSETS
 from explorer_operator import admission, builders, models
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -23,7 +24,9 @@ def _path_problem(field: str, value: str) -> str | None:
 
 def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
     """Every reason this spec cannot run, as messages naming the field."""
-    problems = [_path_problem("spec.taskset.path", spec.taskset.path)]
+    problems = [
+        None if spec.taskset.path in BUILTIN_TASKSETS else _path_problem("spec.taskset.path", spec.taskset.path)
+    ]
     problems += [
         _path_problem(f"spec.explore.evalTasksets[{i}].path", t.path) for i, t in enumerate(spec.explore.eval_tasksets)
     ]

@@ -141,6 +141,8 @@ def test_specs_that_cannot_work_are_explained() -> None:
     assert any("spec.taskset.path must be a path inside the pod" in p for p in problems)
     assert any("spec.workflow.importPath must look like" in p for p in problems)
     assert validation.spec_problems(spec()) == []
+    assert validation.spec_problems(spec(taskset={"path": "builtin:arithmetic"})) == []  # made by the runtime
+    assert validation.spec_problems(spec(taskset={"path": "builtin:nope"}))  # not a taskset the runtime knows
 
 
 def test_cpu_workers_and_auxiliary_groups_get_their_own_pods_and_services() -> None:
