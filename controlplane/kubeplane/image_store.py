@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 from pathlib import Path
 
-from kubeplane import paths
+from kubeplane import paths, slots
 
 
 @dataclasses.dataclass
@@ -26,10 +25,5 @@ class Store:
 def acquire(index: int) -> Store | None:
     root = paths.cache_dir() / "nodes" / f"node-{index}"
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return Store(root / "containerd", fd)
+    fd = slots.try_lock(root / "lock")
+    return None if fd is None else Store(root / "containerd", fd)

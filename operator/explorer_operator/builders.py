@@ -28,6 +28,7 @@ ROLLOUT_GROUP = "rollout"
 CONFIG_FILE = "explorer.yaml"
 CONFIG_DIR = "/etc/explorer"
 CONFIG_VOLUME = "config"  # the coordinator's volume for the job's ConfigMap
+SHM_VOLUME = "dshm"  # the engines' memory-backed /dev/shm
 RAY_PORT = 6379
 GPU = "nvidia.com/gpu"
 # Sized for loading large checkpoints: up to 30 min to come up, then /health every 10 s.
@@ -238,7 +239,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         "startupProbe": _probe("/health", "http", PROBE_PERIOD, STARTUP_PROBE_SECONDS // PROBE_PERIOD),
         "readinessProbe": _probe("/health", "http", 5, 3),
         "livenessProbe": _probe("/health", "http", PROBE_PERIOD, 6),
-        "volumeMounts": group.pods.volume_mounts,
+        "volumeMounts": [*group.pods.volume_mounts, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],  # noqa: S108 - a mount point
     }
     if group.pods.image_pull_policy:
         container["imagePullPolicy"] = group.pods.image_pull_policy
@@ -250,7 +251,8 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         "containers": [container],
         "nodeSelector": group.pods.node_selector,
         "tolerations": group.pods.tolerations,
-        "volumes": group.pods.volumes,
+        # A container's default /dev/shm is 64 MiB: vLLM's engine core (and NCCL with TP > 1) needs more.
+        "volumes": [*group.pods.volumes, {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
     }
     if group.pods.affinity:
         pod_spec["affinity"] = group.pods.affinity

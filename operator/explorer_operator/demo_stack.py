@@ -16,6 +16,16 @@ TRAINER_SCRIPT = paths.repo_root() / "examples" / "local" / "trainer.py"
 OPERATOR_VALUES = paths.repo_root() / "examples" / "local" / "operator-values.yaml"
 TRAINER_LABEL = "explorer.rft.dev/trainer-for"
 MODEL_CLAIM = "model-cache"
+# What Pod Security "restricted" asks of every container (the trainer pod, and the tests' own pods).
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+}
 ON_REAL_NODES: dict[str, Any] = {
     "nodeSelector": {nodeconfig.REAL_NODE_LABEL: "true"},
     "tolerations": [{"key": nodeconfig.REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
@@ -138,13 +148,7 @@ def trainer_objects(
             {"name": "code", "mountPath": "/trainer"},
             {"name": "models", "mountPath": "/models", "readOnly": True},
         ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        **RESTRICTED_CONTAINER,
     }
     return [
         {

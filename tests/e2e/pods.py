@@ -8,24 +8,13 @@ from typing import Any
 
 from kubernetes import client
 
-from kubeplane import images, nodeconfig
+from explorer_operator import demo_stack
+from kubeplane import images
 from kubeplane.cluster import LocalCluster
 from tests.waiting import wait_for
 
-ON_REAL_NODES: dict[str, Any] = {
-    "nodeSelector": {nodeconfig.REAL_NODE_LABEL: "true"},
-    "tolerations": [{"key": nodeconfig.REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
-}
-# What Pod Security "restricted" asks of every container.
-RESTRICTED_CONTAINER: dict[str, Any] = {
-    "securityContext": {
-        "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-}
+ON_REAL_NODES = demo_stack.ON_REAL_NODES
+RESTRICTED_CONTAINER = demo_stack.RESTRICTED_CONTAINER
 
 
 def python_pod(

@@ -189,7 +189,8 @@ def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config()
     assert [m["mountPath"] for m in coordinator["containers"][0]["volumeMounts"]] == ["/etc/explorer", "/data"]
     worker = pods["rl-worker-0"]["spec"]
     assert worker["volumes"] == [data] and worker["containers"][0]["volumeMounts"] == [mount]
-    assert pods["rl-engine-0"]["spec"]["volumes"] == []  # engines keep their own spec.engines.volumes
+    # engines keep their own spec.engines.volumes (none here) and their /dev/shm
+    assert [v["name"] for v in pods["rl-engine-0"]["spec"]["volumes"]] == [builders.SHM_VOLUME]
     assert validation.spec_problems(s) == []
     plain = builders.build_worker_pod(JOB, spec(coordinator={"cpuWorkers": 1}), 0)
     assert "volumes" not in plain["spec"] and "volumeMounts" not in plain["spec"]["containers"][0]  # hash unchanged
@@ -199,3 +200,18 @@ def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config()
     problems = validation.spec_problems(clash)
     assert any(p.startswith("spec.coordinator.volumes must not use the name 'config'") for p in problems)
     assert any(p.startswith("spec.coordinator.volumeMounts must not mount at /etc/explorer") for p in problems)
+
+
+def test_engines_get_a_memory_backed_dev_shm_and_cpu_engines_request_no_gpu() -> None:
+    job = builders.JobRef("j", "ns", "uid")
+    tp = spec().model.tensor_parallel_size
+    for device, gpus in (("gpu", str(tp)), ("cpu", None)):
+        s = spec(engines={"device": device, "volumes": [{"name": "models", "emptyDir": {}}]})
+        pod = builders.build_engine_pod(job, s, builders.engine_groups(s)[0], 0)
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes[builders.SHM_VOLUME] == {"name": builders.SHM_VOLUME, "emptyDir": {"medium": "Memory"}}
+        assert "models" in volumes
+        mounts = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert "/dev/shm" in mounts  # noqa: S108
+        limits = pod["spec"]["containers"][0]["resources"].get("limits", {})
+        assert limits.get(builders.GPU) == gpus
