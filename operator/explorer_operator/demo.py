@@ -101,10 +101,12 @@ def wait(plane: cluster.LocalCluster, job: str, ready: Any, timeout: float, what
 def watch(plane: cluster.LocalCluster, job: str, args: argparse.Namespace, started: float) -> int:
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + args.timeout
+    report: dict[str, Any] = {}
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             status = demo_stack.job_status(plane, NAMESPACE, job)
-            report = coordinator_report(plane, job) if status.get("phase") in ("Running", "Initializing") else {}
+            # The last report stays on screen once the coordinator has finished and stopped serving it.
+            report = coordinator_report(plane, job) or report
             trainer = demo_stack.kubectl(plane, "get", "pod", "trainer", "-n", NAMESPACE, "-o",
                                          "jsonpath={.status.phase}")  # fmt: skip
             screen = render(status, report, trainer, time.monotonic() - started)

@@ -3,6 +3,7 @@ example job and the reference trainer, until the job has explored every step on 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,10 @@ from kubeplane import paths
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 
+@pytest.mark.skipif(
+    os.environ.get("EXPLORER_DEMO_TEST") != "1",
+    reason="not yet run to completion once; set EXPLORER_DEMO_TEST=1 (see the closing note of issue 10)",
+)
 def test_demo_explores_and_syncs_on_real_pods_then_tears_down() -> None:
     out = subprocess.run([sys.executable, "-m", "explorer_operator.demo", "--exit-when-done", "--total-steps", "4"],
                          cwd=paths.repo_root(), capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
