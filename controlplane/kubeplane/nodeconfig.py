@@ -48,7 +48,8 @@ class NodeLayout:
 
     @property
     def containerd_socket(self) -> Path:
-        return self.path("containerd", "containerd.sock")
+        # In the node's private /run: a unix socket path must stay under 108 bytes, the node directory may be deep.
+        return Path("/run/containerd/containerd.sock")
 
     def binary(self, component: str, name: str) -> str:
         return str(self.bin_dirs[component] / name)
@@ -82,7 +83,7 @@ def containerd_config(node: NodeLayout) -> str:
     }
     tables: dict[str, dict[str, Any]] = {
         "grpc": {"address": str(node.containerd_socket)},
-        "ttrpc": {"address": str(node.path("containerd", "containerd.sock.ttrpc"))},
+        "ttrpc": {"address": "/run/containerd/containerd.sock.ttrpc"},
         "metrics": {"address": ""},
         "plugins.'io.containerd.cri.v1.images'": {"snapshotter": "overlayfs"},
         # The sandbox image is built locally (images.py); nothing is ever pulled.

@@ -119,11 +119,14 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
     sync_url = f"http://{running_job['sync']['address']}/v1/sync"
     engine_host = f"{engine_pods(real_api)[0]}.{JOB}-engines.{NAMESPACE}.svc.cluster.local"
     script = (
-        "import socket, sys\n"
+        "import socket, sys, time\n"
         "for host, port in [(sys.argv[1], int(sys.argv[2])), (sys.argv[3], 8000)]:\n"
-        "    try:\n"
-        "        socket.create_connection((host, port), timeout=3).close(); print('open')\n"
-        "    except OSError as err:\n"
+        "    for attempt in range(8):  # a new pod's IP reaches kube-router's ipsets within about a second\n"
+        "        try:\n"
+        "            socket.create_connection((host, port), timeout=2).close(); print('open'); break\n"
+        "        except OSError as err:\n"
+        "            time.sleep(1)\n"
+        "    else:\n"
         "        print('closed')\n"
     )
     sync_host, sync_port = running_job["sync"]["address"].rsplit(":", 1)
