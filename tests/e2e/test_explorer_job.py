@@ -142,7 +142,7 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
 
 
 @pytest.mark.xfail(
-    reason="known bug: the job reports Succeeded with a stale step when the coordinator exits before the operator polls its final report; see closing note",
+    reason="known bug: stale final status when the coordinator exits first (closing note)",
     strict=False,
 )
 def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(

@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.timeout(1200),
     pytest.mark.xfail(
-        reason="known: kubelet fails when its root dir (under pytest tmp) makes unix socket paths exceed 108 bytes; see closing note",
+        reason="known: kubelet socket paths over 108 bytes under deep tmp dirs (closing note)",
         strict=False,
     ),
 ]
