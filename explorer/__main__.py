@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from explorer import config as explorer_config
-from explorer import engine_args, explorer, local_engine, tiny_model
+from explorer import engine_args, explorer, local_engine, termination, tiny_model
 from explorer.weight_sync.rendezvous import SyncCoordinator
 
 RAY_HEAD_PORT = 6379  # the coordinator Service's "ray" port; CPU worker pods join here
@@ -115,6 +115,7 @@ def _explore(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: Sy
         summary = asyncio.run(explorer.serve_and_explore(ex, host, port))
     finally:
         bar.close()
+        termination.write(ex.current_report())  # in a pod: the operator's account of how this run ended
     for error in ex.row_errors:
         print(f"skipped taskset row {error}", file=sys.stderr)
     print(summary)

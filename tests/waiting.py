@@ -9,8 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(observe: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
-    """Call ``observe`` until it returns something truthy; fail with ``what`` and the last value on timeout."""
+def wait_for(observe: Callable[[], T | None], timeout: float = 30.0, what: str | Callable[[], str] = "condition") -> T:
+    """Call ``observe`` until it returns something truthy; fail with ``what`` and the last value on timeout.
+    ``what`` may be a callable, evaluated only then (e.g. to attach a process's log tail)."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
@@ -18,4 +19,5 @@ def wait_for(observe: Callable[[], T | None], timeout: float = 30.0, what: str =
         if last:
             return last
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last observed: {last!r}")
+    described = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {described}; last observed: {last!r}")

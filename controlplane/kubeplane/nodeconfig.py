@@ -22,7 +22,12 @@ REAL_NODE_TAINT = {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedul
 # and /var/log (pod and container logs). Only existing mount points are used, so the host gets no new directory.
 PRIVATE_TMPFS = ("/run",)
 PRIVATE_BINDS = ("/var/lib", "/var/log")
-PRIVATE_SUBDIRS = ("/run/containerd", "/run/netns", "/var/lib/cni", "/var/log/pods", "/var/log/containers")
+# kubelet's root dir holds unix sockets (pod-resources, device plugins): paths are capped at 108 bytes, so it lives at
+# its usual short path on the node-private /var/lib, never under a deep work directory.
+KUBELET_ROOT = "/var/lib/kubelet"
+PRIVATE_SUBDIRS = (
+    "/run/containerd", "/run/netns", "/var/lib/cni", KUBELET_ROOT, "/var/log/pods", "/var/log/containers"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,7 @@ class RealNode:
         """Holder, mounts and network; after this the node's daemons can start."""
         started = time.monotonic()
         lay = self.layout
-        for sub in ("containerd/root", "cni/net.d", "kubelet", "private", "sysctl", "certs"):
+        for sub in ("containerd/root", "cni/net.d", "private", "sysctl", "certs"):
             lay.path(sub).mkdir(parents=True, exist_ok=True)
         lay.path("resolv.conf").write_text("")
         self.tree.make(f"node-{lay.index}/daemons")
@@ -297,7 +297,7 @@ class RealNode:
                 lay.binary("k8s", "kubelet"),
                 f"--config={lay.path('kubelet.yaml')}",
                 f"--kubeconfig={lay.path('kubelet.kubeconfig')}",
-                f"--root-dir={lay.path('kubelet')}",
+                f"--root-dir={nodeconfig.KUBELET_ROOT}",
                 f"--cert-dir={lay.path('certs')}",
                 f"--hostname-override={lay.name}",
                 f"--node-ip={lay.ip}",

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from explorer import config as explorer_config
-from explorer import engine_args
+from explorer import engine_args, termination
 from explorer_operator import models
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -28,6 +28,7 @@ ROLLOUT_GROUP = "rollout"
 CONFIG_FILE = "explorer.yaml"
 CONFIG_DIR = "/etc/explorer"
 CONFIG_VOLUME = "config"  # the coordinator's volume for the job's ConfigMap
+TERMINATION_LOG = "/dev/termination-log"
 SHM_VOLUME = "dshm"  # the engines' memory-backed /dev/shm
 RAY_PORT = 6379
 GPU = "nvidia.com/gpu"
@@ -239,6 +240,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         "startupProbe": _probe("/health", "http", PROBE_PERIOD, STARTUP_PROBE_SECONDS // PROBE_PERIOD),
         "readinessProbe": _probe("/health", "http", 5, 3),
         "livenessProbe": _probe("/health", "http", PROBE_PERIOD, 6),
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # a crash's log tail reaches the job's events
         "volumeMounts": [*group.pods.volume_mounts, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],  # noqa: S108 - a mount point
     }
     if group.pods.image_pull_policy:
@@ -277,7 +279,11 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         "env": [
             {"name": "EXPLORER_JOB", "value": job.name},
             {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
+            {"name": termination.PATH_ENV, "value": TERMINATION_LOG},
         ],
+        # The final report outlives the process there (explorer/termination.py); a crash leaves its log tail.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": spec.coordinator.resources,
         "readinessProbe": _probe("/healthz", "api", 5, 3),
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}],

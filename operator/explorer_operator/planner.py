@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from explorer import termination
 from explorer_operator import builders, conditions, models
 from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
 
@@ -29,9 +30,19 @@ def pod_failure(pod: dict[str, Any]) -> str:
     for cs in status.get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
         if term:
-            detail = term.get("message") or ""
+            detail = _last_words(term.get("message") or "")
             return f"{term.get('reason', 'Error')} (exit {term.get('exitCode')}){': ' + detail if detail else ''}"
     return str(status.get("reason") or status.get("message") or status.get("phase", "Unknown"))
+
+
+def _last_words(message: str, limit: int = 600) -> str:
+    """What a terminated container left: the coordinator's report message, or the tail of a crashed process's log
+    (``FallbackToLogsOnError``), where the error is at the end."""
+    report = termination.read(message)
+    text = report.message if report is not None else message
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    tail = " | ".join(lines[-4:])
+    return tail if len(tail) <= limit else "…" + tail[-limit:]
 
 
 def backoff_seconds(policy: models.RestartPolicySpec, restarts: int) -> float:

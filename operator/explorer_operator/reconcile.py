@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from explorer import status_api
 from explorer_operator import builders, conditions, kube, metrics, models, planner, validation
-from explorer_operator.world import Observed
+from explorer_operator.world import Observed, final_report
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class Reconciler:
     async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
         status = (pod or {}).get("status") or {}
         ip = status.get("podIP")
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return final_report(status)
         if status.get("phase") != "Running" or not ip:
             return None
         try:

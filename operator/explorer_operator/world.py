@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from explorer import status_api
+from explorer import status_api, termination
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -33,6 +33,15 @@ class Observed:
     def children(self, kind: str) -> dict[str, dict[str, Any]]:
         """Observed non-pod children of one kind, by name."""
         return {"ConfigMap": self.config_maps, "Service": self.services, "NetworkPolicy": self.network_policies}[kind]
+
+
+def final_report(pod_status: dict[str, Any]) -> status_api.CoordinatorReport | None:
+    """The report an ended coordinator left as its termination message (None: it left none, or a log tail)."""
+    for container in pod_status.get("containerStatuses") or []:
+        if container.get("name") == "coordinator":
+            ended = (container.get("state") or {}).get("terminated") or {}
+            return termination.read(ended.get("message"))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.cluster,
     pytest.mark.timeout(1200),
-    pytest.mark.xfail(
-        reason="known: kubelet socket paths over 108 bytes under deep tmp dirs (closing note)",
-        strict=False,
-    ),
 ]
 
 # The host sysctls kubelet, kube-proxy, kube-router and the CNI bridge plugin would write if they ran on the host.
