@@ -30,6 +30,10 @@ CONFIG_DIR = "/etc/explorer"
 CONFIG_VOLUME = "config"  # the coordinator's volume for the job's ConfigMap
 TERMINATION_LOG = "/dev/termination-log"
 SHM_VOLUME = "dshm"  # the engines' memory-backed /dev/shm
+TMP_VOLUME = "tmp"  # every child's writable /tmp (HOME too): caches of vLLM, torch and Ray land there
+TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir mount point, private to the pod
+SHM_DIR = "/dev/shm"  # noqa: S108 - likewise
+RUN_AS = 1000  # the runtime images' user; set explicitly so images that default to root run unprivileged too
 RAY_PORT = 6379
 GPU = "nvidia.com/gpu"
 # Sized for loading large checkpoints: up to 30 min to come up, then /health every 10 s.
@@ -101,6 +105,22 @@ def _metadata(job: JobRef, name: str, role: str, **extra_labels: str) -> dict[st
         "labels": labels(job, role, **extra_labels),
         "ownerReferences": [owner_reference(job)],
     }
+
+
+def restricted(pod_spec: dict[str, Any], read_only_root: bool) -> dict[str, Any]:
+    """Make a child pod pass Pod Security "restricted": non-root, no privilege escalation, no capabilities, the
+    runtime's default seccomp profile, no API token, and a writable /tmp (with HOME there) so that the root
+    filesystem can be read-only where the workload writes nowhere else."""
+    pod_spec["automountServiceAccountToken"] = False
+    pod_spec["securityContext"] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                   "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    pod_spec["volumes"] = [*pod_spec.get("volumes", []), {"name": TMP_VOLUME, "emptyDir": {}}]
+    for container in pod_spec["containers"]:
+        container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                        "readOnlyRootFilesystem": read_only_root}  # fmt: skip
+        container["volumeMounts"] = [*container.get("volumeMounts", []), {"name": TMP_VOLUME, "mountPath": TMP_DIR}]
+        container["env"] = [{"name": "HOME", "value": TMP_DIR}, *container.get("env", [])]  # first: the user's wins
+    return pod_spec
 
 
 def template_hash(obj: dict[str, Any]) -> str:
@@ -241,7 +261,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         "readinessProbe": _probe("/health", "http", 5, 3),
         "livenessProbe": _probe("/health", "http", PROBE_PERIOD, 6),
         "terminationMessagePolicy": "FallbackToLogsOnError",  # a crash's log tail reaches the job's events
-        "volumeMounts": [*group.pods.volume_mounts, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],  # noqa: S108 - a mount point
+        "volumeMounts": [*group.pods.volume_mounts, {"name": SHM_VOLUME, "mountPath": SHM_DIR}],
     }
     if group.pods.image_pull_policy:
         container["imagePullPolicy"] = group.pods.image_pull_policy
@@ -261,6 +281,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
     if group.pods.priority_class_name:
         pod_spec["priorityClassName"] = group.pods.priority_class_name
     metadata = _metadata(job, name, "engine", **{GROUP_LABEL: group.name, INDEX_LABEL: str(index)})
+    restricted(pod_spec, read_only_root=True)
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
@@ -294,6 +315,9 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
     pod_spec = _cpu_pod_spec(spec, container)
     pod_spec["volumes"] = [{"name": CONFIG_VOLUME, "configMap": {"name": config_name}}, *pod_spec.get("volumes", [])]
+    # Writable root: the experience log and resume state still default to a path on it (/data/experiences) until the
+    # job has storage of its own.
+    restricted(pod_spec, read_only_root=False)
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
@@ -325,7 +349,7 @@ def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> d
         "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
         "resources": spec.coordinator.resources,
     }
-    pod_spec = _cpu_pod_spec(spec, container)
+    pod_spec = restricted(_cpu_pod_spec(spec, container), read_only_root=True)
     metadata = _metadata(job, f"{job.name}-worker-{index}", "worker", **{INDEX_LABEL: str(index)})
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 

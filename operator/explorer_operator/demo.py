@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plane up in {plane.timings['total']:.0f}s ({timings})", flush=True)
         demo_stack.install_operator(plane)
         print("operator installed with the Helm chart (a pod of the operator image)", flush=True)
+        demo_stack.enforce_restricted(plane, NAMESPACE)
         demo_stack.model_volume(plane, NAMESPACE)
         job = yaml.safe_load(demo_stack.CPU_JOB.read_text())
         job["spec"]["explore"]["totalSteps"] = args.total_steps

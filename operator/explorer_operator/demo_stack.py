@@ -83,6 +83,15 @@ def uninstall_operator(plane: cluster.LocalCluster) -> None:
     )
 
 
+RESTRICTED_NAMESPACE = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
+
+
+def enforce_restricted(plane: cluster.LocalCluster, namespace: str) -> None:
+    """Pod Security "restricted" on the namespace: the API server refuses any pod (ours too) that asks for more."""
+    labels = [f"{k}={v}" for k, v in RESTRICTED_NAMESPACE.items()]
+    kubectl(plane, "label", "namespace", namespace, *labels, "--overwrite")
+
+
 def model_volume(plane: cluster.LocalCluster, namespace: str) -> Path:
     """The tiny model made locally on a ``local`` PersistentVolume of the real nodes, claimed as ``model-cache``."""
     from explorer import tiny_model

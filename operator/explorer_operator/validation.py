@@ -7,6 +7,7 @@ with a message rather than be built into objects the API server refuses.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from explorer.config import BUILTIN_TASKSETS
 from explorer_operator import admission, builders, models
@@ -38,18 +39,30 @@ def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
             f"spec.workflow.importPath must look like 'package.module:ClassName', got {spec.workflow.import_path!r}"
         )
     problems += _coordinator_volume_problems(spec.coordinator)
+    engine_reserved = {builders.SHM_VOLUME: builders.SHM_DIR, builders.TMP_VOLUME: builders.TMP_DIR}
+    problems += _volume_problems("spec.engines", spec.engines.volumes, spec.engines.volume_mounts, engine_reserved)
+    for i, group in enumerate(spec.auxiliary_models):
+        where = f"spec.auxiliaryModels[{i}]"
+        problems += _volume_problems(where, group.volumes, group.volume_mounts, engine_reserved)
     return [p for p in problems if p]
 
 
 def _coordinator_volume_problems(coordinator: models.CoordinatorSpec) -> list[str]:
-    """The coordinator pod already has the job's config volume; a second one of that name or path is refused."""
+    """The operator's own volumes (the job's config, the writable /tmp) cannot be shadowed by the user's."""
+    reserved = {builders.CONFIG_VOLUME: builders.CONFIG_DIR, builders.TMP_VOLUME: builders.TMP_DIR}
+    return _volume_problems("spec.coordinator", coordinator.volumes, coordinator.volume_mounts, reserved)
+
+
+def _volume_problems(
+    where: str, volumes: list[dict[str, Any]], mounts: list[dict[str, Any]], reserved: dict[str, str]
+) -> list[str]:
     problems = []
-    if any(v.get("name") == builders.CONFIG_VOLUME for v in coordinator.volumes):
-        problems.append(f"spec.coordinator.volumes must not use the name {builders.CONFIG_VOLUME!r}: the operator "
-                        "mounts the job's ConfigMap under it; rename the volume (and its volumeMounts)")  # fmt: skip
-    if any(m.get("mountPath", "").rstrip("/") == builders.CONFIG_DIR for m in coordinator.volume_mounts):
-        problems.append(f"spec.coordinator.volumeMounts must not mount at {builders.CONFIG_DIR}: the job's config "
-                        "file is there; choose another mountPath")  # fmt: skip
+    for name in sorted({str(v.get("name")) for v in volumes} & set(reserved)):
+        problems.append(f"{where}.volumes must not use the name {name!r}: the operator mounts its own volume "
+                        f"at {reserved[name]} under it; rename the volume (and its volumeMounts)")  # fmt: skip
+    for path in sorted({str(m.get("mountPath", "")).rstrip("/") for m in mounts} & set(reserved.values())):
+        problems.append(f"{where}.volumeMounts must not mount at {path}: the operator mounts its own volume "
+                        "there; choose another mountPath")  # fmt: skip
     return problems
 
 

@@ -51,7 +51,9 @@ def operator_installed(real_plane: LocalCluster) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model_volume(real_plane: LocalCluster, real_api: client.ApiClient) -> Path:
-    client.CoreV1Api(real_api).create_namespace({"metadata": {"name": NAMESPACE}})
+    # Pod Security "restricted" enforced: every pod of the job (and the trainer's) must pass it to exist at all.
+    metadata = {"name": NAMESPACE, "labels": demo_stack.RESTRICTED_NAMESPACE}
+    client.CoreV1Api(real_api).create_namespace({"metadata": metadata})
     return demo_stack.model_volume(real_plane, NAMESPACE)
 
 

@@ -185,21 +185,34 @@ def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config()
     s = spec(coordinator={"cpuWorkers": 1, "volumes": [data], "volumeMounts": [mount]})
     pods = builders.build_desired_pods(JOB, s)
     coordinator = pods["rl-coordinator"]["spec"]
-    assert [v["name"] for v in coordinator["volumes"]] == ["config", "data"]
-    assert [m["mountPath"] for m in coordinator["containers"][0]["volumeMounts"]] == ["/etc/explorer", "/data"]
+    tmp = {"name": builders.TMP_VOLUME, "mountPath": builders.TMP_DIR}
+    assert [v["name"] for v in coordinator["volumes"]] == ["config", "data", builders.TMP_VOLUME]
+    assert [m["mountPath"] for m in coordinator["containers"][0]["volumeMounts"]] == [
+        "/etc/explorer",
+        "/data",
+        builders.TMP_DIR,
+    ]
     worker = pods["rl-worker-0"]["spec"]
-    assert worker["volumes"] == [data] and worker["containers"][0]["volumeMounts"] == [mount]
-    # engines keep their own spec.engines.volumes (none here) and their /dev/shm
-    assert [v["name"] for v in pods["rl-engine-0"]["spec"]["volumes"]] == [builders.SHM_VOLUME]
+    assert worker["volumes"] == [data, {"name": builders.TMP_VOLUME, "emptyDir": {}}]
+    assert worker["containers"][0]["volumeMounts"] == [mount, tmp]
+    # engines keep their own spec.engines.volumes (none here), their /dev/shm and /tmp
+    assert [v["name"] for v in pods["rl-engine-0"]["spec"]["volumes"]] == [builders.SHM_VOLUME, builders.TMP_VOLUME]
     assert validation.spec_problems(s) == []
-    plain = builders.build_worker_pod(JOB, spec(coordinator={"cpuWorkers": 1}), 0)
-    assert "volumes" not in plain["spec"] and "volumeMounts" not in plain["spec"]["containers"][0]  # hash unchanged
 
     clash = spec(coordinator={"volumes": [{"name": "config", "emptyDir": {}}],
                               "volumeMounts": [{"name": "config", "mountPath": "/etc/explorer/"}]})  # fmt: skip
     problems = validation.spec_problems(clash)
     assert any(p.startswith("spec.coordinator.volumes must not use the name 'config'") for p in problems)
     assert any(p.startswith("spec.coordinator.volumeMounts must not mount at /etc/explorer") for p in problems)
+    shadow = spec(
+        engines={
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "volumeMounts": [{"name": "x", "mountPath": builders.SHM_DIR}],
+        }
+    )
+    problems = validation.spec_problems(shadow)
+    assert any(p.startswith("spec.engines.volumes must not use the name 'tmp'") for p in problems), problems
+    assert any(p.startswith("spec.engines.volumeMounts must not mount at /dev/shm") for p in problems), problems
 
 
 def test_engines_get_a_memory_backed_dev_shm_and_cpu_engines_request_no_gpu() -> None:
@@ -215,3 +228,28 @@ def test_engines_get_a_memory_backed_dev_shm_and_cpu_engines_request_no_gpu() ->
         assert "/dev/shm" in mounts  # noqa: S108
         limits = pod["spec"]["containers"][0]["resources"].get("limits", {})
         assert limits.get(builders.GPU) == gpus
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}  # fmt: skip
+
+
+def test_every_child_pod_asks_for_nothing_pod_security_restricted_refuses() -> None:
+    s = spec(coordinator={"cpuWorkers": 1}, auxiliaryModels=[{"name": "judge", "model": {"path": "/m/j"}}])
+    for name, pod in builders.build_desired_pods(JOB, s).items():
+        pod_spec = pod["spec"]
+        context = pod_spec["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod_spec["automountServiceAccountToken"] is False, name
+        assert not any(pod_spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        for volume in pod_spec["volumes"]:
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, (name, volume)
+        for container in pod_spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, name
+            assert not any(p.get("hostPort") for p in container.get("ports", [])), name
+            assert {"name": "HOME", "value": builders.TMP_DIR} in container["env"], name
+            assert {"name": builders.TMP_VOLUME, "mountPath": builders.TMP_DIR} in container["volumeMounts"], name
+            # Engines and workers write only to /tmp and /dev/shm; the coordinator's experience log is still local.
+            assert sc["readOnlyRootFilesystem"] is (not name.endswith("-coordinator")), name
