@@ -2,7 +2,10 @@
 
 Ready is honest: every engine and the coordinator pass their probes and, once the runtime reports it, every engine
 has joined the sync group at the current policy version. Pod-level causes show under Degraded with the pod's own
-reason. A job that is not Ready within its startup deadline fails with a message naming the pods that held it up.
+reason. A child the API server refused, or whose name another object holds, shows under Degraded too
+(``ChildRejected`` / ``ChildConflict``, with the server's message), gets one Warning event, is retried with backoff,
+and is named when the startup deadline fails the job. A job that is not Ready within its startup deadline fails with
+a message naming the pods that held it up.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import datetime
 from typing import Any
 
 from explorer_operator import builders, models
-from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
+from explorer_operator.world import ChildFailure, Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
 
 CONDITION_ORDER: tuple[models.ConditionType, ...] = (
     "Ready",
@@ -23,6 +26,9 @@ CONDITION_ORDER: tuple[models.ConditionType, ...] = (
 )
 POD_TROUBLE = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CrashLoopBackOff")
 POLL_SECONDS = 5.0
+# Retrying a refused child: after as long as it has been refused, within these bounds (a doubling backoff).
+CHILD_RETRY_MIN_SECONDS = 5.0
+CHILD_RETRY_MAX_SECONDS = 30.0
 
 
 def set_condition(
@@ -93,10 +99,11 @@ def compute(
     cond("Suspended", "True" if spec.suspend and status.phase == "Suspended" else "False",
          "Suspended" if status.phase == "Suspended" else "NotSuspended")  # fmt: skip
     _synced(status, report, cond)
+    unwritten = _report_failures(status, result.failures, now, result)
     if status.phase in ("Succeeded", "Failed", "Suspended"):
         cond("Ready", "False", status.phase, f"job is {status.phase}")
         cond("Progressing", "False", status.phase)
-        cond("Degraded", "False", status.phase)
+        _degraded(unwritten, status.phase, cond)
         if status.phase != "Failed":
             cond("Failed", "False", "NoFailure")
         return
@@ -104,12 +111,9 @@ def compute(
     all_ready = bool(desired) and all(n in live and pod_is_ready(live[n]) for n in desired)
     sync_known = report is not None and report.engines_in_sync is not None
     ready = all_ready and (not sync_known or status.engines.in_sync >= status.engines.desired)
-    troubles = [t for n, p in live.items() if (t := pod_trouble(n, p))]
+    troubles = unwritten + [t for n, p in live.items() if (t := pod_trouble(n, p))]
     troubles += [("Restarting", f"{p.pod}: {p.reason}; recreated at {p.not_before}") for p in status.pending_restarts]
-    if troubles:
-        cond("Degraded", "True", troubles[0][0], "; ".join(m for _, m in troubles))
-    else:
-        cond("Degraded", "False", "NoPodProblems")
+    _degraded(troubles, "NoPodProblems", cond)
 
     if ready:
         status.phase = "Running"
@@ -122,6 +126,7 @@ def compute(
         reason = "EnginesNotInSync" if all_ready else "PodsNotReady"
         detail = (f"{status.engines.in_sync}/{status.engines.desired} engines in sync" if all_ready
                   else f"not ready: {', '.join(waiting)}")  # fmt: skip
+        detail = "; ".join([detail, *(m for _, m in unwritten)])
         cond("Ready", "False", reason, detail)
         cond("Progressing", "True", "Recovering" if status.ready_time else "Starting", detail)
         if _check_startup_deadline(spec, status, detail, now, result, cond):
@@ -130,6 +135,30 @@ def compute(
     coordinator = live.get(f"{job.name}-coordinator")
     if coordinator is not None and (coordinator.get("status") or {}).get("phase") == "Running":
         result.requeue(POLL_SECONDS)
+
+
+def _degraded(troubles: list[tuple[str, str]], healthy_reason: str, cond: Any) -> None:
+    if troubles:
+        cond("Degraded", "True", troubles[0][0], "; ".join(m for _, m in troubles))
+    else:
+        cond("Degraded", "False", healthy_reason)
+
+
+def _report_failures(
+    status: models.ExplorerJobStatus, failures: list[ChildFailure], now: datetime.datetime, result: Plan
+) -> list[tuple[str, str]]:
+    """Degraded troubles for the children not written; a Warning event for each the last status did not already
+    name (so a lasting refusal is reported once), and a retry that backs off while the refusals last."""
+    if not failures:
+        return []
+    old = next((c for c in status.conditions if c.type == "Degraded" and c.status == "True"), None)
+    reported = old.message if old is not None else ""
+    for failure in failures:
+        if failure.text not in reported:
+            result.events.append(Event("Warning", failure.reason, failure.text))
+    lasted = (now - parse_timestamp(old.last_transition_time)).total_seconds() if old is not None else 0.0
+    result.requeue(min(max(lasted, CHILD_RETRY_MIN_SECONDS), CHILD_RETRY_MAX_SECONDS))
+    return [(f.reason, f.text) for f in failures]
 
 
 def _synced(status: models.ExplorerJobStatus, report: Any, cond: Any) -> None:

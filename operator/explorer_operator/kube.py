@@ -12,6 +12,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -20,6 +21,9 @@ from explorer_operator import models
 FIELD_MANAGER = "explorer-operator"
 USER_AGENT = "explorer-operator/0.1.0"
 APPLY = "application/apply-patch+yaml"
+# Worth retrying unchanged: a timeout, a write conflict, throttling, a server-side failure.
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+MESSAGE_LIMIT = 300
 
 # kind -> (API group path, plural) of every child kind the operator owns
 CORE_KINDS = {
@@ -76,16 +80,30 @@ class Kube:
         items = self.request("GET", self.core_path(namespace, kind), [("labelSelector", selector)])["items"]
         return {item["metadata"]["name"]: item for item in items}
 
+    def get_core(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.request("GET", self.core_path(namespace, kind, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return obj
+
     def apply(self, obj: dict[str, Any]) -> Any:
         path = self.core_path(obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"])
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
         return self.request("PATCH", path, query, body=obj, content_type=APPLY)
 
-    def delete(self, namespace: str, kind: str, name: str) -> None:
+    def delete(self, namespace: str, kind: str, name: str, uid: str) -> None:
+        """Delete the object only if it still is the one with ``uid``: gone (404) or replaced (409, the precondition
+        failed) both count as done."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            self.request("DELETE", self.core_path(namespace, kind, name), body={"propagationPolicy": "Background"})
+            self.request("DELETE", self.core_path(namespace, kind, name), body=body)
         except ApiException as err:
-            if err.status != 404:
+            if err.status not in (404, 409):
                 raise
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -121,3 +139,27 @@ class Kube:
             },
         }  # fmt: skip
         self.request("POST", f"/apis/events.k8s.io/v1/namespaces/{meta['namespace']}/events", body=body)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed request should be retried with backoff rather than reported as a refusal: no answer at all
+    (connection, TLS, timeout), or an answer that says "later"."""
+    if isinstance(err, urllib3.exceptions.HTTPError | OSError):
+        return True
+    status = (err.status or 0) if isinstance(err, ApiException) else 0
+    return status in TRANSIENT_STATUSES or status >= 500
+
+
+def error_message(err: ApiException) -> str:
+    """The API server's own short account of a refusal: the ``message`` of its Status body."""
+    try:
+        body = json.loads(err.body or "")
+    except ValueError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    text = str(message or f"{err.status} {err.reason}")
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def namespace_terminating(err: ApiException) -> bool:
+    return err.status == 403 and "NamespaceTerminating" in (err.body or "")

@@ -2,17 +2,30 @@
 
 ``plan`` decides what to apply and delete (missing children, restarts with backoff inside the budget, one-at-a-time
 replacement of changed engines, scale-down, suspend, completion cleanup) and computes the status from what it saw.
-The executor in ``reconcile`` only performs the plan; nothing here does I/O or reads a clock.
+It sees only the job's own children (controlled by its UID): a name held by anything else is a ``ChildConflict``,
+reported and never written; deletes name the UID they mean. The executor in ``reconcile`` only performs the plan;
+nothing here does I/O or reads a clock.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from explorer import termination
 from explorer_operator import builders, conditions, models
-from explorer_operator.world import Event, Observed, Plan, parse_timestamp, pod_is_ready, timestamp
+from explorer_operator.world import (
+    CONFLICT,
+    ChildFailure,
+    Event,
+    Observed,
+    Plan,
+    not_owned_message,
+    parse_timestamp,
+    pod_is_ready,
+    timestamp,
+)
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -56,9 +69,14 @@ def plan(
     previous: models.ExplorerJobStatus,
     observed: Observed,
     now: datetime.datetime,
+    failures: Sequence[ChildFailure] = (),
 ) -> Plan:
-    """Decide the next actions for one job and compute its status."""
-    result = Plan()
+    """Decide the next actions for one job and compute its status.
+
+    ``failures`` are the writes of this pass's earlier plan that did not happen: the executor plans again with them,
+    so status, events and the startup deadline account for children that could not be written.
+    """
+    result = Plan(failures=list(failures))
     status = previous.model_copy(deep=True)
     status.observed_generation = generation
     status.total_steps = spec.explore.total_steps
@@ -75,8 +93,8 @@ def plan(
     if status.phase in TERMINAL:
         _cleanup_terminal(spec, status, observed, coordinator_name, result)
     elif spec.suspend:
-        for name in observed.pods:
-            result.deletes.append(("Pod", name))
+        for pod in observed.pods.values():
+            result.delete("Pod", pod)
         status.pending_restarts = []
         status.start_time = None
         status.ready_time = None
@@ -96,9 +114,20 @@ def plan(
 
 def _plan_static_children(job: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed, result: Plan) -> None:
     for child in builders.build_static_children(job, spec):
-        existing = observed.children(child["kind"]).get(child["metadata"]["name"])
+        kind, name = child["kind"], child["metadata"]["name"]
+        existing = observed.children(kind).get(name)
+        if existing is None and _conflict(kind, name, observed, result):
+            continue
         if _hash(existing) != _hash(child):
             result.applies.append(child)
+
+
+def _conflict(kind: str, name: str, observed: Observed, result: Plan) -> bool:
+    """A name the job needs held by an object it does not own: reported, never overwritten."""
+    holder = observed.foreign.get((kind, name))
+    if holder is not None:
+        result.failures.append(ChildFailure(kind, name, CONFLICT, not_owned_message(holder)))
+    return holder is not None
 
 
 def _detect_completion(
@@ -122,9 +151,9 @@ def _cleanup_terminal(
 ) -> None:
     keep_coordinator = status.phase == "Succeeded" and spec.on_completion != "DeleteAll"
     keep_engines = status.phase == "Succeeded" and spec.on_completion == "KeepAll"
-    for name in observed.pods:
+    for name, pod in observed.pods.items():
         if (name == coordinator and not keep_coordinator) or (name != coordinator and not keep_engines):
-            result.deletes.append(("Pod", name))
+            result.delete("Pod", pod)
     status.pending_restarts = []
 
 
@@ -140,9 +169,9 @@ def _plan_pods(
     if status.start_time is None:
         status.start_time = timestamp(now)
     pending = {p.pod: p for p in status.pending_restarts}
-    for name in observed.pods:
+    for name, existing in observed.pods.items():
         if name not in desired:
-            result.deletes.append(("Pod", name))  # scaled down, or an engine group removed
+            result.delete("Pod", existing)  # scaled down, or an engine group removed
 
     replacing = False
     for name, pod in desired.items():
@@ -152,13 +181,15 @@ def _plan_pods(
             if waiting and parse_timestamp(waiting.not_before) > now:
                 result.requeue((parse_timestamp(waiting.not_before) - now).total_seconds())
                 continue
+            if _conflict("Pod", name, observed, result):
+                continue
             pending.pop(name, None)
             result.applies.append(pod)
             continue
         phase = (current.get("status") or {}).get("phase")
         ended = phase == "Failed" or (phase == "Succeeded" and name != f"{job.name}-coordinator")
         if ended and name in pending:
-            result.deletes.append(("Pod", name))  # already counted; its deletion is not visible yet
+            result.delete("Pod", current)  # already counted; its deletion is not visible yet
             continue
         if ended:
             if not _restart(spec, status, name, current, now, pending, result):
@@ -170,7 +201,7 @@ def _plan_pods(
             others_ready = all(n == name or (n in observed.pods and pod_is_ready(observed.pods[n])) for n in desired)
             if not replacing and others_ready:
                 replacing = True
-                result.deletes.append(("Pod", name))
+                result.delete("Pod", current)
                 result.events.append(Event("Normal", "Replacing", f"Pod {name} runs an outdated template"))
     status.pending_restarts = list(pending.values())
 
@@ -195,13 +226,13 @@ def _restart(
             status.conditions, "Failed", "True", "RestartBudgetExceeded", message, now
         )
         result.events.append(Event("Warning", "RestartBudgetExceeded", message))
-        result.deletes.append(("Pod", name))
+        result.delete("Pod", pod)
         return False
     delay = backoff_seconds(spec.restart_policy, status.restarts)
     status.restarts += 1
     not_before = now + datetime.timedelta(seconds=delay)
     pending[name] = models.PendingRestart(pod=name, not_before=timestamp(not_before), reason=why)
-    result.deletes.append(("Pod", name))
+    result.delete("Pod", pod)
     result.events.append(
         Event("Warning", "PodFailed", f"pod {name} failed: {why}; recreating in {delay:.0f}s "
               f"(restart {status.restarts} of {budget})")

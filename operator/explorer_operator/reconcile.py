@@ -1,8 +1,14 @@
-"""The executor: observe one ExplorerJob's world, run the planner, perform its plan, write status only on change."""
+"""The executor: observe one ExplorerJob's world, run the planner, perform its plan, write status only on change.
+
+Every write of the plan is attempted and its outcome kept: a refused or conflicting child never aborts the pass.
+The planner then runs again with those failures, so status, events and the startup deadline always reflect them;
+transient errors (timeouts, conflicts, throttling, 5xx) are retried through the controller's backoff instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import time
@@ -13,8 +19,17 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from explorer import status_api
-from explorer_operator import builders, conditions, kube, metrics, models, planner, validation
-from explorer_operator.world import Observed, final_report
+from explorer_operator import builders, conditions, kube, metrics, models, planner, validation, world
+from explorer_operator.world import (
+    CONFLICT,
+    REJECTED,
+    ChildFailure,
+    Observed,
+    Plan,
+    final_report,
+    not_owned_message,
+    owned_by,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +44,26 @@ def _normalised_status(raw: dict[str, Any] | None) -> tuple[models.ExplorerJobSt
     except ValidationError:
         return models.ExplorerJobStatus(), None
     return parsed, parsed.to_wire() if raw else None
+
+
+class TransientWriteError(Exception):
+    """Writes that failed for a reason worth retrying unchanged; raised after status, so the pass backs off."""
+
+
+@dataclasses.dataclass
+class _Outcome:
+    failures: list[ChildFailure] = dataclasses.field(default_factory=list)
+    transient: list[str] = dataclasses.field(default_factory=list)
+    terminating: bool = False
+
+    def add(self, kind: str, name: str, err: BaseException) -> None:
+        if kube.is_transient(err):
+            self.transient.append(f"{kind} {name}: {err}")
+        elif isinstance(err, ApiException):
+            self.terminating = self.terminating or kube.namespace_terminating(err)
+            self.failures.append(ChildFailure(kind, name, REJECTED, kube.error_message(err)))
+        else:
+            raise err  # a bug, not the API server's answer
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -76,33 +111,60 @@ class Reconciler:
 
         observed = await self._observe(ref, spec)
         now = _now()
-        result = planner.plan(ref, meta.get("generation", 0), spec, previous, observed, now)
-        try:
-            # Independent objects: apply them concurrently (the API server orders nothing between them).
-            await asyncio.gather(*(asyncio.to_thread(self.api.apply, obj) for obj in result.applies))
-        except ApiException as err:
-            if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
-                return None  # the namespace (and with it this job) is being deleted
-            raise
-        await asyncio.gather(
-            *(asyncio.to_thread(self.api.delete, namespace, k, c) for k, c in dict.fromkeys(result.deletes))
-        )
+        generation = meta.get("generation", 0)
+        result = planner.plan(ref, generation, spec, previous, observed, now)
+        outcome = await self._perform(ref, result)
+        if outcome.terminating:
+            return None  # the namespace (and with it this job) is being deleted
+        if outcome.failures:
+            result = planner.plan(ref, generation, spec, previous, observed, now, outcome.failures)
         for event in result.events:
             await self._event(job, event.type, event.reason, event.message, now)
         if result.status != observed_status:
             await asyncio.to_thread(self.api.apply_job_status, namespace, name, result.status)
             metrics.job_transition(namespace, name, meta, previous, result.status)
+        if outcome.transient:
+            raise TransientWriteError("; ".join(outcome.transient))
         return result.requeue_after
+
+    async def _perform(self, ref: builders.JobRef, result: Plan) -> _Outcome:
+        """Every apply, then every delete, each outcome kept (independent objects: the API server orders nothing
+        between them, so each batch runs concurrently)."""
+        outcome = _Outcome()
+        applied = await asyncio.gather(*(self._apply(ref, obj) for obj in result.applies), return_exceptions=True)
+        for obj, done in zip(result.applies, applied, strict=True):
+            if isinstance(done, ChildFailure):
+                outcome.failures.append(done)
+            elif isinstance(done, BaseException):
+                outcome.add(obj["kind"], obj["metadata"]["name"], done)
+        deletes = list(dict.fromkeys(result.deletes))
+        deleted = await asyncio.gather(
+            *(asyncio.to_thread(self.api.delete, ref.namespace, k, n, uid) for k, n, uid in deletes),
+            return_exceptions=True,
+        )
+        for (kind, name, _), done in zip(deletes, deleted, strict=True):
+            if isinstance(done, BaseException):
+                outcome.add(kind, name, done)
+        return outcome
+
+    async def _apply(self, ref: builders.JobRef, obj: dict[str, Any]) -> ChildFailure | None:
+        """Server-side apply (forced: the operator owns every field it sets), but never onto an object another
+        controller, or no controller, holds: that is a conflict to report, not a child to take over."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        existing = await asyncio.to_thread(self.api.get_core, ref.namespace, kind, name)
+        if existing is not None and not owned_by(existing, ref.uid):
+            return ChildFailure(kind, name, CONFLICT, not_owned_message(existing))
+        await asyncio.to_thread(self.api.apply, obj)
+        return None
 
     async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
         selector = f"{builders.JOB_LABEL}={ref.name}"
-        pods, services, config_maps, policies = await asyncio.gather(
-            *(asyncio.to_thread(self.api.list_core, ref.namespace, kind, selector)
-              for kind in ("Pod", "Service", "ConfigMap", "NetworkPolicy"))
-        )  # fmt: skip
-        report = await self._poll_coordinator(pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
-        return Observed(pods=pods, services=services, config_maps=config_maps, report=report,
-                        network_policies=policies)  # fmt: skip
+        lists = await asyncio.gather(
+            *(asyncio.to_thread(self.api.list_core, ref.namespace, kind, selector) for kind in kube.CORE_KINDS)
+        )
+        observed = world.observe(ref.uid, dict(zip(kube.CORE_KINDS, lists, strict=True)))
+        report = await self._poll_coordinator(observed.pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
+        return dataclasses.replace(observed, report=report)
 
     async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
         status = (pod or {}).get("status") or {}

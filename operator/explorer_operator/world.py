@@ -20,19 +20,74 @@ def parse_timestamp(value: str) -> datetime.datetime:
     return datetime.datetime.strptime(value, TIME_FORMAT).replace(tzinfo=datetime.UTC)
 
 
+def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The object's controller owner reference, if it has one."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if r.get("controller")), None)
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether the job with ``uid`` controls ``obj`` (a label, or a reference to an earlier job of the same name,
+    is not ownership)."""
+    ref = controller_of(obj)
+    return ref is not None and ref.get("uid") == uid
+
+
+def not_owned_message(obj: dict[str, Any]) -> str:
+    """Why an existing object cannot be taken over, naming its controller."""
+    ref = controller_of(obj)
+    holder = f"controlled by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})" if ref else "no controller"
+    return f"exists and is not owned by this job ({holder})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Observed:
-    """What the executor saw: children by name, and the coordinator's report if it answered."""
+    """What the executor saw: the job's own children by name, and the coordinator's report if it answered.
+
+    ``foreign`` holds objects that carry the job's label but are not controlled by its UID, by (kind, name): they are
+    never counted, changed or deleted; one that holds a name the job needs is a conflict.
+    """
 
     pods: dict[str, dict[str, Any]]
     services: dict[str, dict[str, Any]]
     config_maps: dict[str, dict[str, Any]]
     report: status_api.CoordinatorReport | None = None
     network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    foreign: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def children(self, kind: str) -> dict[str, dict[str, Any]]:
         """Observed non-pod children of one kind, by name."""
         return {"ConfigMap": self.config_maps, "Service": self.services, "NetworkPolicy": self.network_policies}[kind]
+
+
+def observe(uid: str, listed: dict[str, dict[str, dict[str, Any]]]) -> Observed:
+    """Split the label-selected lists (kind -> name -> object) into the job's own children and foreign objects."""
+    own = {kind: {n: o for n, o in objs.items() if owned_by(o, uid)} for kind, objs in listed.items()}
+    foreign = {(kind, n): o for kind, objs in listed.items() for n, o in objs.items() if n not in own[kind]}
+    return Observed(
+        pods=own.get("Pod", {}), services=own.get("Service", {}), config_maps=own.get("ConfigMap", {}),
+        network_policies=own.get("NetworkPolicy", {}), foreign=foreign,
+    )  # fmt: skip
+
+
+REJECTED = "ChildRejected"
+CONFLICT = "ChildConflict"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildFailure:
+    """A write to a child that did not happen: the API server refused it (``ChildRejected``, with the server's own
+    message), or its name is held by an object this job does not own (``ChildConflict``)."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+
+    @property
+    def text(self) -> str:
+        verb = "rejected" if self.reason == REJECTED else "not written"
+        return f"{self.kind} {self.name} {verb}: {self.message}"
 
 
 def final_report(pod_status: dict[str, Any]) -> status_api.CoordinatorReport | None:
@@ -54,10 +109,16 @@ class Event:
 @dataclasses.dataclass
 class Plan:
     applies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    deletes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
+    deletes: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (kind, name, uid)
     events: list[Event] = dataclasses.field(default_factory=list)
+    failures: list[ChildFailure] = dataclasses.field(default_factory=list)
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
     requeue_after: float | None = None
+
+    def delete(self, kind: str, obj: dict[str, Any]) -> None:
+        """Delete exactly this object: the executor sends its UID as a precondition."""
+        meta = obj.get("metadata") or {}
+        self.deletes.append((kind, meta["name"], meta.get("uid", "")))
 
     def requeue(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)

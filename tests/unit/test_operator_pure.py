@@ -26,6 +26,7 @@ def spec(**overrides: Any) -> models.ExplorerJobSpec:
 
 def running(pod: dict[str, Any]) -> dict[str, Any]:
     pod = copy.deepcopy(pod)
+    pod["metadata"]["uid"] = f"uid-{pod['metadata']['name']}"
     pod["status"] = {"phase": "Running", "podIP": "127.64.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
     return pod
 
@@ -98,7 +99,7 @@ def test_failed_engine_is_replaced_after_backoff_and_the_budget_ends_the_job() -
         "containerStatuses": [{"state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}],
     }
     result = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), world(s, **{"rl-engine-1": failed}), NOW)
-    assert ("Pod", "rl-engine-1") in result.deletes
+    assert ("Pod", "rl-engine-1", "uid-rl-engine-1") in result.deletes  # the UID goes out as a precondition
     status = models.ExplorerJobStatus.model_validate(result.status)
     assert status.restarts == 1 and status.pending_restarts[0].not_before == "2026-11-29T08:00:10Z"
     assert result.requeue_after is not None and result.requeue_after <= 10
