@@ -17,7 +17,7 @@ import psutil
 from kubernetes import client
 
 from explorer_operator import builders, models
-from explorer_operator.demo import kubectl
+from explorer_operator.demo_stack import kubectl
 from explorer_operator.local import running_operator
 from kubeplane import cluster, nodes, paths
 

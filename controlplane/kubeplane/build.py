@@ -1,9 +1,10 @@
 """Builds the control-plane binaries from the pinned Go modules, cached by a key of everything that shapes them.
 
-Each component (k8s, etcd, kwok, helm) is its own Go module under ``controlplane/modules`` so that their
+Each component (k8s, etcd, kwok, helm, ...) is its own Go module under ``controlplane/modules`` so that their
 dependency graphs never mix. A build lands in ``<cache>/<component>-<key>/`` and is renamed into place only
 when complete, so an interrupted build never leaves a half-written binary behind; a rebuild with nothing
-changed is a hash of a few files.
+changed is a hash of a few files. Benchmark-only components (KubeRay's operator) are never built for a plane:
+only by ``kubeplane build --bench`` or the benchmark that needs them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ KWOK_STAGES = (
     "pod/fast/pod-delete.yaml",
     "pod/chaos/pod-container-running-failed.yaml",
 )
+KUBERAY_MODULE = "github.com/ray-project/kuberay/ray-operator"
+# All three: the operator runs the RayCluster, RayJob and RayService controllers and will not start without their kinds.
+KUBERAY_CRDS = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Component:
     cgo: bool = False
     # Real-node components are built only when a plane with real nodes (or `kubeplane build --all`) needs them.
     real_node: bool = False
+    # Benchmark-only components are built only on request (`kubeplane build --bench`, bench/operator_vs_kuberay.py).
+    bench: bool = False
 
     @property
     def module_dir(self) -> Path:
@@ -96,8 +102,13 @@ COMPONENTS: tuple[Component, ...] = (
         binaries=("buildkitd", "buildctl"),
         real_node=True,
     ),
+    # KubeRay's operator, to compare ours with on the same plane (bench/operator_vs_kuberay.py).
+    Component("kuberay", packages=(KUBERAY_MODULE,), binaries=("kuberay-operator",), bench=True),
 )
-PLANE_COMPONENTS = tuple(c for c in COMPONENTS if not c.real_node)
+# What a plane with real nodes needs: everything but the benchmark-only components.
+NODE_COMPONENTS = tuple(c for c in COMPONENTS if not c.bench)
+PLANE_COMPONENTS = tuple(c for c in NODE_COMPONENTS if not c.real_node)
+BENCH_COMPONENTS = tuple(c for c in COMPONENTS if c.bench)
 
 
 class BuildError(RuntimeError):
@@ -173,23 +184,32 @@ def compute_key(component: Component, go_version: str, ldflags: str) -> str:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     if component.name == "kwok":
         digest.update("\0".join(KWOK_STAGES).encode())
+    if component.name == "kuberay":
+        digest.update("\0".join(KUBERAY_CRDS).encode())
     return digest.hexdigest()[:16]
 
 
+def _module_dir(component: Component, module: str) -> Path:
+    out = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", module], cwd=component.module_dir, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return Path(out.strip())
+
+
 def _copy_kwok_stages(component: Component, out_dir: Path) -> None:
-    module_dir = Path(
-        subprocess.run(
-            ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
-            cwd=component.module_dir,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
+    module_dir = _module_dir(component, "sigs.k8s.io/kwok")
     stages = out_dir / "stages"
     stages.mkdir()
     for rel in KWOK_STAGES:
         shutil.copyfile(module_dir / "kustomize" / "stage" / rel, stages / Path(rel).name)
+
+
+def _copy_kuberay_crds(component: Component, out_dir: Path) -> None:
+    """KubeRay's CRDs as its module ships them (config/crd/bases), next to the binary they belong to."""
+    bases = _module_dir(component, KUBERAY_MODULE) / "config" / "crd" / "bases"
+    crds = out_dir / "crds"
+    crds.mkdir()
+    for rel in KUBERAY_CRDS:
+        shutil.copyfile(bases / rel, crds / rel)
 
 
 def build_component(component: Component, cache: Path, go_version: str, log: bool = True) -> BuildResult:
@@ -220,6 +240,8 @@ def build_component(component: Component, cache: Path, go_version: str, log: boo
             raise BuildError(f"go build of {component.name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
         if component.name == "kwok":
             _copy_kwok_stages(component, staging)
+        if component.name == "kuberay":
+            _copy_kuberay_crds(component, staging)
         seconds = time.monotonic() - started
         sizes = {b: (staging / b).stat().st_size for b in component.binaries}
         (staging / "build.json").write_text(json.dumps({"key": key, "seconds": seconds, "sizes": sizes}))

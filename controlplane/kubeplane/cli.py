@@ -41,7 +41,8 @@ def read_state() -> dict[str, object] | None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    results = build.ensure_built(build.COMPONENTS if args.all else build.PLANE_COMPONENTS)
+    wanted = build.NODE_COMPONENTS if args.all else build.PLANE_COMPONENTS
+    results = build.ensure_built(wanted + (build.BENCH_COMPONENTS if args.bench else ()))
     for result in results.values():
         sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
         how = "cached" if result.cached else f"built in {result.seconds:.1f}s"
@@ -105,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     state_dir().mkdir(parents=True, exist_ok=True)
     # Build in the foreground so its progress is visible.
-    build.ensure_built(build.COMPONENTS if args.real_nodes else build.PLANE_COMPONENTS)
+    build.ensure_built(build.NODE_COMPONENTS if args.real_nodes else build.PLANE_COMPONENTS)
     if args.real_nodes:
         images.ensure_images(args.images)
     log = (state_dir() / "serve.log").open("wb")
@@ -187,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build or find the cached control-plane binaries")
     b.add_argument("--all", action="store_true", help="also the real-node binaries (containerd, runc, ...)")
+    b.add_argument("--bench", action="store_true", help="also the benchmark-only binaries (KubeRay's operator)")
     b.set_defaults(func=cmd_build)
     im = sub.add_parser("images", help="build or find the cached images real nodes run")
     im.add_argument("images", nargs="*", default=list(images.PROJECT_TARGETS), help="project images (default all)")

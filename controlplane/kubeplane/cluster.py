@@ -198,7 +198,7 @@ class LocalCluster:
     def start(self) -> None:
         started = time.monotonic()
         remove_stale_workdirs(self._workdir_parent)
-        wanted = build.COMPONENTS if self.cfg.real_nodes else build.PLANE_COMPONENTS
+        wanted = build.NODE_COMPONENTS if self.cfg.real_nodes else build.PLANE_COMPONENTS
         self._binaries = build.ensure_built(wanted)
         self.timings["build_check"] = time.monotonic() - started
         if self.cfg.real_nodes:

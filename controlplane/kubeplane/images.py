@@ -36,6 +36,10 @@ SUITE = "bookworm"
 # What the runtime needs from Debian besides Python: CA certificates, libnuma for vLLM's CPU backend, ps for Ray.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libnuma1", "procps")
 PYTHON_SITE = "lib/python3.11/site-packages"
+# The build cache keeps what a rebuild after a source change reuses (the Python environments' layers, ~7 GiB) and no
+# more: each runtime rebuild adds ~6 GiB of layers that nothing reuses.
+BUILD_CACHE_KEEP_MB = 10 * 1024
+BUILD_CACHE_KEEP = f"{BUILD_CACHE_KEEP_MB}MB"
 # Sources that shape the project images (the Dockerfile's COPY lines).
 SOURCE_DIRS = ("explorer", "operator/explorer_operator")
 
@@ -287,7 +291,7 @@ class BuildKit:
         config = self.workdir / "buildkitd.toml"
         config.write_text(
             f'root = "{root}"\n[worker.oci]\n  enabled = true\n  binary = "{bins["runc"].binary("runc")}"\n'
-            '  gc = true\n  gckeepstorage = "20GB"\n[worker.containerd]\n  enabled = false\n'
+            f'  gc = true\n  gckeepstorage = "{BUILD_CACHE_KEEP}"\n[worker.containerd]\n  enabled = false\n'
         )
         self.proc = procs.ManagedProcess(
             "buildkitd",
@@ -320,6 +324,9 @@ class BuildKit:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
+            # buildkitd's own GC runs only now and then: bound the cache before it stops, or rebuilds fill the disk.
+            subprocess.run([self.buildctl, "--addr", self.address, "prune", f"--keep-storage={BUILD_CACHE_KEEP_MB}"],
+                           capture_output=True, check=False, timeout=600)  # fmt: skip
             self.proc.stop()
 
     def build(self, target: str, ref: str, env: Path, base: tuple[Path, str], out: Path) -> None:
