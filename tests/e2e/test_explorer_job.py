@@ -143,10 +143,6 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
     assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"]}, (outcomes, sync_url)
 
 
-@pytest.mark.xfail(
-    reason="known bug: stale final status when the coordinator exits first (closing note)",
-    strict=False,
-)
 def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
     real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any], model_volume: Path
 ) -> None:
