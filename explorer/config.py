@@ -7,7 +7,7 @@ same model. Field names are camelCase on the wire (Kubernetes style) and snake_c
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -129,11 +129,38 @@ class SyncSpec(WireModel):
     )
 
 
+CONSUMER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"  # a trainer's stable name for its stream cursor
+MAX_CONSUMERS = 16
+
+
 class ExperienceSpec(WireModel):
     """Where experiences are written for the trainer."""
 
     path: str = Field(default="/data/experiences", min_length=1, description="Directory on a shared volume.")
     format: Literal["jsonl", "parquet"] = Field(default="parquet", description="File format of each step.")
+    consumers: list[Annotated[str, Field(pattern=CONSUMER_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=MAX_CONSUMERS,
+        description="Trainers reading the experience stream, by consumer name: each counts for retention and "
+        "back-pressure from the start, and no other name may read. Empty: a consumer registers on its first call.",
+    )
+    retention: Literal["keep", "consumed"] = Field(
+        default="keep",
+        description="keep every step file, or delete one once every consumer has acknowledged all of it (its "
+        "manifest entry stays, marked removed).",
+    )
+    max_unconsumed_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Back-pressure: start no step while this many committed steps are unacknowledged by the slowest "
+        "consumer (none registered: no limit; unset: never wait).",
+    )
+    drain_timeout_seconds: float = Field(
+        default=600,
+        ge=0,
+        description="After the last step, keep serving the stream until every consumer has acknowledged every "
+        "experience, for at most this long (no consumer: exit at once).",
+    )
 
 
 class EngineEndpoint(WireModel):

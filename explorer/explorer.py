@@ -10,7 +10,10 @@ and counted in the status report, or (``explore.onStepTimeout: wait``) waited fo
 With a ``SyncCoordinator`` (the coordinator's weight-sync side) the style decides how far exploring may run ahead of
 the trainer: ``fixed`` waits at every boundary for the trainer's next push, ``async`` lets it run ``maxPolicyLag``
 boundaries ahead, ``trainer_driven`` never waits. Each experience records the policy version its step started on and
-every version applied while it ran.
+every version applied while it ran. Committed steps are served to trainers by ``experience_stream`` on the sync API;
+with ``experiences.maxUnconsumedSteps`` a step starts only while the slowest consumer has fewer steps unacknowledged
+(steps in flight count; the report's ``waitingFor`` says when it holds), and after the last step the API stays up
+until every consumer has read to the end (at most ``experiences.drainTimeoutSeconds``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from explorer import config as explorer_config
 from explorer import scheduler as scheduler_mod
 from explorer import sink, status_api, taskset, workflow_runner
 from explorer.experience import Experience
-from explorer.weight_sync import protocol
+from explorer.experience_stream import ExperienceStream
+from explorer.weight_sync import api, protocol
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.workflows import Task
 
@@ -74,6 +78,9 @@ class Explorer:
             sync.on_version = self._applied_versions.append
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
         self.sink = sink.ExperienceSink(Path(config.experiences.path), config.experiences.format)
+        self.stream = ExperienceStream(self.sink, config.experiences, config.explore.total_steps)
+        if sync is not None:
+            sync.experiences = self.stream  # the trainer reads them on the sync API
         self.policy_version: int | None = None
         self.eval_metrics: dict[str, dict[str, float]] = {}
         self.row_errors: list[taskset.RowError] = []
@@ -132,7 +139,7 @@ class Explorer:
                 # simply re-run on restart.
                 waits = (self.sync_hook is not None or lag == 0) and self.need_sync(step)
                 horizon = step if waits else min(step + 1, total)
-                while submitted < horizon:
+                while submitted < horizon and await self._room(step, submitted):
                     submitted += 1
                     marks[submitted] = (self._served_version(), len(self._applied_versions))
                     sched.schedule(self._batch(tasks, state.cursor + (submitted - step) * size), batch_id=submitted)
@@ -140,6 +147,7 @@ class Explorer:
                 start_version = self._stamp_versions(experiences, *marks.pop(step))
                 # Blocking writes with fsyncs: off the loop, which keeps dispatching and serving the APIs.
                 await asyncio.to_thread(self.sink.commit, step, experiences, start_version, missing)
+                self.stream.notify()
                 written += len(experiences)
                 failed = sum(1 for s in statuses if not s.ok)
                 step_metrics = sched.metrics.get(step, {})
@@ -168,6 +176,33 @@ class Explorer:
             await sched.stop()
         self.report = self.report.model_copy(update={"phase": "Succeeded"})
         return f"explored {self.config.explore.total_steps} steps; {written} experiences written this run"
+
+    async def _room(self, step: int, submitted: int) -> bool:
+        """Back-pressure before step ``submitted + 1`` starts: the step due now waits for room; one that would run
+        ahead never waits (the step in flight is collected, and can be consumed, first). Steps in flight count."""
+        in_flight = submitted - step + 1  # scheduled, not yet committed
+        if in_flight:
+            return await self.stream.hold_reason(in_flight) is None
+        await self.stream.wait_for_room(self._on_hold)
+        return True
+
+    def _on_hold(self, reason: str | None) -> None:
+        update: dict[str, Any] = {"waiting_for": reason}
+        if reason is not None:
+            update["message"] = f"back-pressure: waiting for {reason}"
+        self.report = self.report.model_copy(update=update)
+
+    async def drain(self) -> None:
+        """After the last step: wait until every consumer has read to the end (``experiences.drainTimeoutSeconds``)."""
+        timeout = self.config.experiences.drain_timeout_seconds
+
+        def waiting(reason: str) -> None:
+            self.report = self.report.model_copy(update={"waiting_for": reason})
+
+        left = await self.stream.drain(timeout, waiting)
+        self.report = self.report.model_copy(update={"waiting_for": None})
+        if left:
+            log.warning("stopping after %.0f s of draining with experiences unconsumed: %s", timeout, left)
 
     def _resume_state(self) -> ExplorerState:
         state = load_state(self.sink.directory)
@@ -293,8 +328,11 @@ def alive_ray_nodes() -> int | None:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-async def serve_and_explore(explorer: Explorer, host: str, port: int, probe_seconds: float = 5.0) -> str:
-    """Explore while the status API publishes progress (and the sync API takes pushes, if the explorer has one)."""
+async def serve_and_explore(
+    explorer: Explorer, host: str, port: int, probe_seconds: float = 5.0, experience_port: int | None = None
+) -> str:
+    """Explore while the status API publishes progress and the sync API takes pushes and serves experiences (without
+    a sync coordinator, ``experience_port`` serves the experiences alone); then drain the experience stream."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
@@ -310,15 +348,23 @@ async def serve_and_explore(explorer: Explorer, host: str, port: int, probe_seco
                 await asyncio.sleep(0.2)
 
     await server.start()
+    experiences: Any = None
     if explorer.sync is not None:
         await explorer.sync.start()
+    elif experience_port is not None:
+        experiences = await status_api.serve_app(api.build_app(None, lambda: explorer.stream), host, experience_port)
     publisher = asyncio.create_task(publish())
     try:
-        return await explorer.explore()
+        summary = await explorer.explore()
+        if explorer.sync is not None or experiences is not None:
+            await explorer.drain()
+        return summary
     finally:
         server.report = explorer.current_report()
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
         if explorer.sync is not None:
             await explorer.sync.stop()
+        if experiences is not None:
+            await experiences.cleanup()
         await server.stop()

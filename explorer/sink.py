@@ -4,7 +4,9 @@ A step's experiences are written to a temporary file, fsynced, renamed into plac
 rename itself survives a power cut), then the manifest, written the same way, gains the step: a reader never sees
 half a step, and a step already in the manifest is never written again — so every (step, task, run) lands exactly
 once, also when the coordinator restarts mid-step. A step committed short names its missing tasks in the manifest.
-Writes block: the explorer runs them off its event loop.
+A step every consumer of the experience stream has acknowledged may be removed (``remove_step``, retention
+``consumed``): its file goes, its manifest entry stays, marked ``removed``, so the step still counts as committed.
+Writes block: the explorer runs them off its event loop; one lock keeps the manifest's read-modify-writes apart.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,7 @@ class ExperienceSink:
     def __init__(self, directory: Path, fmt: str = "jsonl"):
         self.directory = directory
         self.format = fmt
+        self._manifest_lock = threading.Lock()  # commits and removals run in worker threads
         directory.mkdir(parents=True, exist_ok=True)
 
     def manifest(self) -> dict[str, Any]:
@@ -83,23 +87,41 @@ class ExperienceSink:
     ) -> bool:
         """Write step ``step`` once; False (and nothing written) when it is already committed. ``missing_tasks``:
         the task ids the step was committed without (its wait expired), listed in its manifest entry."""
-        manifest = self.manifest()
-        if str(step) in manifest["steps"]:
-            return False
-        name = f"step-{step:08d}.{'parquet' if self.format == 'parquet' else 'jsonl'}"
-        records = [e.to_record() for e in experiences]
-        if self.format == "parquet":
-            body = _parquet_bytes(records)
-        else:
-            body = "".join(json.dumps(r) + "\n" for r in records).encode()
-        write_durably(self.directory / name, body)
-        manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version,
-                                        "missingTasks": sorted(missing_tasks)}  # fmt: skip
-        write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
-        return True
+        with self._manifest_lock:
+            manifest = self.manifest()
+            if str(step) in manifest["steps"]:
+                return False
+            name = f"step-{step:08d}.{'parquet' if self.format == 'parquet' else 'jsonl'}"
+            records = [e.to_record() for e in experiences]
+            if self.format == "parquet":
+                body = _parquet_bytes(records)
+            else:
+                body = "".join(json.dumps(r) + "\n" for r in records).encode()
+            write_durably(self.directory / name, body)
+            manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version,
+                                            "missingTasks": sorted(missing_tasks)}  # fmt: skip
+            write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+            return True
+
+    def remove_step(self, step: int) -> bool:
+        """Delete a committed step's file, its manifest entry kept and marked ``removed`` (marked first: the manifest
+        never lists a missing file as present); False when it was removed already."""
+        with self._manifest_lock:
+            manifest = self.manifest()
+            entry = manifest["steps"][str(step)]
+            if entry.get("removed"):
+                return False
+            entry["removed"] = True
+            write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+            (self.directory / entry["file"]).unlink(missing_ok=True)
+            fsync_directory(self.directory)
+            return True
 
     def read_step(self, step: int) -> list[Experience]:
         entry = self.manifest()["steps"][str(step)]
+        if entry.get("removed"):
+            raise FileNotFoundError(f"step {step} was removed after every consumer acknowledged it "
+                                    "(experiences.retention: consumed)")  # fmt: skip
         path = self.directory / entry["file"]
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

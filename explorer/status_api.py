@@ -45,6 +45,9 @@ class CoordinatorReport(WireModel):
         default=0, ge=0, description="Tasks left out of committed steps because the step's wait expired, this run."
     )
     experiences_per_second: float | None = Field(default=None, description="Throughput of the last step.")
+    waiting_for: str | None = Field(
+        default=None, description="What the explorer waits for before it goes on (back-pressure, the final drain)."
+    )
     message: str = ""
 
 

@@ -1,8 +1,9 @@
 """The trainer-facing HTTP routes of the sync coordinator: bodies parsed within a size limit, every refusal as JSON.
 
 A body over ``MAX_BODY_BYTES`` is a 413, a body that is not JSON or not the expected message a 400 naming the field,
-and a refused step its ``SyncError`` status, each as ``{"error": message}`` (what ``TrainerClient`` raises). The
-calling trainer is named by the ``X-Sync-Trainer`` header (``lease``); without one, by its address.
+and a refused step its ``SyncError`` (or ``StreamError``) status, each as ``{"error": message}`` (what
+``TrainerClient`` raises). The calling trainer is named by the ``X-Sync-Trainer`` header (``lease``); without one, by
+its address. Every route, the experience stream's too, answers through ``respond``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from explorer import experience_stream
+from explorer import experience_wire as wire
 from explorer.weight_sync import lease, protocol
 
 if TYPE_CHECKING:
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 64 << 20  # metadata of a 70B model is well under 1 MiB; a body near this is no trainer's
 Call = Callable[[bytes, str], Awaitable[Any]]
+StreamSource = Callable[[], "experience_stream.ExperienceStream | None"]
 
 
 class SyncError(Exception):
@@ -49,10 +53,12 @@ async def respond(request: web.Request, call: Call) -> web.Response:
         except web.HTTPRequestEntityTooLarge:
             raise SyncError(413, f"request body over the {MAX_BODY_BYTES >> 20} MiB limit") from None
         result = await call(body, trainer_name(request))
-    except SyncError as err:
+    except (SyncError, experience_stream.StreamError) as err:
         return web.json_response({"error": str(err)}, status=err.status)
     except ValidationError as err:
         return web.json_response({"error": describe_invalid(err)}, status=400)
+    if isinstance(result, web.Response):
+        return result
     if result is None:
         return web.json_response({})
     if isinstance(result, int):
@@ -60,8 +66,52 @@ async def respond(request: web.Request, call: Call) -> web.Response:
     return web.json_response(result.to_wire())
 
 
-def build_app(sync: rendezvous.SyncCoordinator) -> web.Application:
-    """The routes of ``docs/weight-sync.md`` over ``sync``."""
+def add_experience_routes(app: web.Application, source: StreamSource) -> None:
+    """``/v1/experiences`` (``docs/weight-sync.md``) over the stream ``source`` returns (None: 503)."""
+
+    def stream() -> experience_stream.ExperienceStream:
+        found = source()
+        if found is None:
+            raise SyncError(503, "this coordinator runs no explorer: it has no experiences to serve")
+        return found
+
+    async def read_batch(body: bytes, _: str) -> web.Response:
+        data, _info = await stream().read(wire.ReadRequest.model_validate_json(body))
+        return web.Response(body=data, content_type=wire.CONTENT_TYPE)
+
+    async def ack(body: bytes, _: str) -> wire.AckResult:
+        request = wire.AckRequest.model_validate_json(body)
+        return await stream().ack(request.consumer, request.cursor)
+
+    async def state(_body: bytes, _: str) -> wire.StreamState:
+        return await stream().state()
+
+    async def on_read(request: web.Request) -> web.Response:
+        return await respond(request, read_batch)
+
+    async def on_ack(request: web.Request) -> web.Response:
+        return await respond(request, ack)
+
+    async def on_state(request: web.Request) -> web.Response:
+        return await respond(request, state)
+
+    app.router.add_get("/v1/experiences", on_state)
+    app.router.add_post("/v1/experiences/read", on_read)
+    app.router.add_post("/v1/experiences/ack", on_ack)
+
+
+def build_app(sync: rendezvous.SyncCoordinator | None, experiences: StreamSource = lambda: None) -> web.Application:
+    """The routes of ``docs/weight-sync.md``: the sync group's over ``sync`` (None: none), the experience stream's
+    over what ``experiences`` returns."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    add_experience_routes(app, experiences)
+    if sync is not None:
+        add_sync_routes(app, sync)
+    return app
+
+
+def add_sync_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> None:
+    """``/v1/sync``: the weight-sync group's routes over ``sync``."""
 
     async def state(_: web.Request) -> web.Response:
         return web.json_response(sync.state().to_wire())
@@ -86,7 +136,6 @@ def build_app(sync: rendezvous.SyncCoordinator) -> web.Application:
         return await respond(request, lambda body, who: sync.push_checkpoint(
             protocol.PushRequest.model_validate_json(body), who))  # fmt: skip
 
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/v1/sync", state)
     app.router.add_post("/v1/sync/group", group)
     app.router.add_post("/v1/sync/group/{incarnation}/joined", joined)
@@ -94,4 +143,3 @@ def build_app(sync: rendezvous.SyncCoordinator) -> web.Application:
     app.router.add_post("/v1/sync/push", push)
     app.router.add_post(r"/v1/sync/push/{version:\d+}/result", result)  # digits only: anything else is a 404
     app.router.add_post("/v1/sync/checkpoint", checkpoint)
-    return app

@@ -11,7 +11,8 @@ engines' dev-mode routes (the NetworkPolicy keeps everyone else out).
 
 One trainer owns the group at a time (``lease``), versions only increase, also across restarts (``versions``),
 checkpoint directories stay under ``sync.checkpointPath`` (``checkpoint_dir``), and a bad body is a 400 or 413 with
-a message, never a 500.
+a message, never a 500. The same API serves the explorer's committed experiences (``/v1/experiences``, from
+``experience_stream``) once an explorer sets ``experiences``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
 
 from explorer import config as explorer_config
-from explorer import status_api
+from explorer import experience_stream, status_api
 from explorer.weight_sync import api, checkpoint_dir, lease, protocol, versions
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class SyncCoordinator:
         self.last_sync_bytes: int | None = None
         self.last_error: str | None = None
         self.on_version: Callable[[int], None] | None = None
+        self.experiences: experience_stream.ExperienceStream | None = None  # served on this API (the explorer's)
         self.state_dir = state_dir or Path(config.experiences.path)
         self.lease = lease.Lease(config.sync.timeout_seconds if lease_seconds is None else lease_seconds)
         self.newest_version = 0  # the newest version applied or found on disk: no push gets one at or below it
@@ -143,7 +145,8 @@ class SyncCoordinator:
             self.newest_version = max(self.version or 0, await self._recorded_version())
         except api.SyncError as err:  # exploring goes on; every push is refused with this message until it is fixed
             log.error("%s", err)
-        self._runner = await status_api.serve_app(api.build_app(self), self.bind_host, self.api_port)
+        self._runner = await status_api.serve_app(api.build_app(self, lambda: self.experiences), self.bind_host,
+                                                  self.api_port)  # fmt: skip
 
     async def stop(self) -> None:
         for task in self._pushes.values():

@@ -13,6 +13,10 @@ changed (an engine restarted or was added), ``push`` forms the group again once 
 
 Each client names itself on every call (``trainer_id``, hostname/pid/random by default): the group belongs to one
 trainer at a time, and ``close`` hands it back.
+
+Experiences come from the same address: ``experiences(n)`` blocks until ``n`` committed experiences are there (an
+``ExperienceBatch``: a pyarrow table and where it ends) and ``ack(batch)`` marks them consumed. The cursor belongs to
+``consumer`` (default ``"trainer"``), a stable name, so a restarted trainer gets again what it had not acknowledged.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any
 import httpx
 import torch
 
+from explorer import experience_wire
+from explorer.experience_wire import ExperienceBatch, Position
 from explorer.weight_sync import lease, protocol
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,23 @@ class SyncRefusedError(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class ExperienceTimeoutError(SyncRefusedError):
+    """Fewer experiences than asked arrived in time; the message says how many and how far the explorer is."""
+
+
+class ExperiencesExhaustedError(SyncRefusedError):
+    """The explorer has finished and this consumer has consumed every experience."""
+
+
+def _refusal(response: httpx.Response) -> SyncRefusedError:
+    try:
+        message = str(response.json().get("error", response.text))
+    except ValueError:
+        message = response.text
+    kind = {504: ExperienceTimeoutError, 410: ExperiencesExhaustedError}.get(response.status_code, SyncRefusedError)
+    return kind(response.status_code, message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +114,13 @@ def _gloo_group(address: str, port: int, world_size: int, timeout: float) -> Any
 class TrainerClient:
     """Rank 0 of one job's weight-sync group."""
 
-    def __init__(self, address: str, *, timeout: float = 300.0, trainer_id: str | None = None):
+    def __init__(
+        self, address: str, *, timeout: float = 300.0, trainer_id: str | None = None, consumer: str = "trainer"
+    ):
         base = address if address.startswith("http") else f"http://{address}"
         self.trainer_id = trainer_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.consumer = consumer
+        self.last_batch: ExperienceBatch | None = None
         self.http = httpx.Client(base_url=base, timeout=timeout, headers={lease.HEADER: self.trainer_id})
         self.info: protocol.GroupInfo | None = None
         self._claimed = False
@@ -112,6 +139,46 @@ class TrainerClient:
 
     def state(self) -> protocol.SyncState:
         return protocol.SyncState.model_validate(self.http.get("/v1/sync").raise_for_status().json())
+
+    # ---- experiences ---------------------------------------------------------------------------------------
+
+    def experiences(
+        self,
+        batch_size: int,
+        timeout: float = 300.0,
+        *,
+        min_policy_version: int | None = None,
+        ack_previous: bool = False,
+    ) -> ExperienceBatch:
+        """The next ``batch_size`` experiences from this consumer's acknowledged cursor, in commit order, waiting up
+        to ``timeout`` s (``ExperienceTimeoutError``); fewer only when the explorer has finished (``finished``).
+        Older policy versions than ``min_policy_version`` are skipped (``skipped``). Reading again without an ack
+        returns the same experiences; ``ack_previous`` acknowledges the batch this client read last first."""
+        body: dict[str, Any] = {"consumer": self.consumer, "maxExperiences": batch_size, "timeoutSeconds": timeout,
+                                "minPolicyVersion": min_policy_version}  # fmt: skip
+        if ack_previous and self.last_batch is not None:
+            body["ack"] = self.last_batch.cursor.to_wire()
+        response = self.http.post("/v1/experiences/read", json=body, timeout=timeout + 60)
+        if response.status_code != 200:
+            raise _refusal(response)
+        self.last_batch = experience_wire.decode(response.content)
+        return self.last_batch
+
+    def ack(self, consumed: ExperienceBatch | Position) -> Position:
+        """Everything up to the end of ``consumed`` (a batch, or its ``cursor``) is used: it is never delivered to
+        this consumer again, also after a restart. Returns the consumer's cursor."""
+        cursor = consumed.cursor if isinstance(consumed, ExperienceBatch) else consumed
+        response = self.http.post("/v1/experiences/ack", json={"consumer": self.consumer, "cursor": cursor.to_wire()})
+        if response.status_code != 200:
+            raise _refusal(response)
+        return experience_wire.AckResult.model_validate(response.json()).cursor
+
+    def experience_state(self) -> experience_wire.StreamState:
+        """The stream's progress and every consumer's cursor."""
+        response = self.http.get("/v1/experiences")
+        if response.status_code != 200:
+            raise _refusal(response)
+        return experience_wire.StreamState.model_validate(response.json())
 
     # ---- group ---------------------------------------------------------------------------------------------
 
