@@ -278,8 +278,9 @@ class RealNode:
             return 0.0
         started = time.monotonic()
         # Unpacked layers are all kubelet needs: dropping their compressed copies halves the store (6 GiB per runtime).
-        run(self.ctr(["images", "import", "--snapshotter", "overlayfs", "--discard-unpacked-layers", str(archive)]),
-            timeout=1800)  # fmt: skip
+        # (--local: only the client-side import can discard them.)
+        argv = ["images", "import", "--local", "--snapshotter", "overlayfs", "--discard-unpacked-layers", str(archive)]
+        run(self.ctr(argv), timeout=1800)
         return time.monotonic() - started
 
     def remove_stale_containers(self) -> None:
