@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         demo_stack.apply(plane, NAMESPACE, [job])
         address = wait(plane, name, lambda s: (s.get("sync") or {}).get("address"), args.timeout, "a sync address")
         pushes = max(1, args.total_steps // job["spec"]["sync"]["interval"] - 1)
-        demo_stack.apply(plane, NAMESPACE, demo_stack.trainer_objects(name, address, pushes=pushes, interval=5.0))
+        batch = demo_stack.experiences_per_push(job)
+        trainer = demo_stack.trainer_objects(name, address, pushes=pushes, interval=5.0, batch=batch)
+        demo_stack.apply(plane, NAMESPACE, trainer)
         print(f"job {name} applied; trainer pod pushing {pushes} versions to {address}", flush=True)
         return watch(plane, name, args, started)
     return 0

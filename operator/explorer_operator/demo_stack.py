@@ -86,6 +86,12 @@ def uninstall_operator(plane: cluster.LocalCluster) -> None:
 RESTRICTED_NAMESPACE = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
 
 
+def experiences_per_push(job: dict[str, Any]) -> int:
+    """What the explorer commits between two syncs of a ``fixed``-style job: the trainer's batch."""
+    explore, sync = job["spec"]["explore"], job["spec"]["sync"]
+    return int(sync.get("interval", 1) * explore["batchSize"] * explore.get("repeatTimes", 1))
+
+
 def enforce_restricted(plane: cluster.LocalCluster, namespace: str) -> None:
     """Pod Security "restricted" on the namespace: the API server refuses any pod (ours too) that asks for more."""
     labels = [f"{k}={v}" for k, v in RESTRICTED_NAMESPACE.items()]
@@ -133,12 +139,15 @@ def model_volume(plane: cluster.LocalCluster, namespace: str) -> Path:
 
 
 def trainer_objects(
-    job: str, address: str, name: str = "trainer", pushes: int = 1, seed: int = 7, interval: float = 0.0
+    job: str, address: str, name: str = "trainer", pushes: int = 1, seed: int = 7, interval: float = 0.0, batch: int = 0
 ) -> list[dict[str, Any]]:
-    """The reference trainer as a pod (its script in a ConfigMap): labelled as the job's trainer, nothing else."""
+    """The reference trainer as a pod (its script in a ConfigMap): labelled as the job's trainer, nothing else;
+    ``batch``: experiences it reads from the job's stream before each push."""
     args = [
         "--address",
         address,
+        "--batch",
+        str(batch),
         "--model",
         "/models/tiny",
         "--pushes",
