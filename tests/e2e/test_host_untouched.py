@@ -74,8 +74,12 @@ def test_clean_stop_restores_the_host(tmp_path: Path) -> None:
         assert plane.plan is not None
         during = host_state()
         assert plane.plan.bridge in during["links"]  # type: ignore[operator]
-        rules = plane.node_exec(0, ["iptables-save"]).stdout
-        assert "KUBE-SERVICES" in rules  # kube-proxy wrote its rules, inside the node
+        # kube-proxy writes its rules inside the node, a moment after the node turns Ready.
+        wait_for(
+            lambda: "KUBE-SERVICES" in plane.node_exec(0, ["iptables-save"]).stdout,
+            timeout=60,
+            what="kube-proxy's KUBE-SERVICES chain inside the node",
+        )
     assert strip_counters(host_state()) == before
     assert list(tmp_path.iterdir()) == []
 
