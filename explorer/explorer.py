@@ -41,6 +41,7 @@ from explorer.workflows import Task
 
 log = logging.getLogger(__name__)
 STATE_FILE = "explorer-state.json"
+FINAL_READ_GRACE_SECONDS = 5.0  # after the drain, how long the stream still answers a last read
 SyncHook = Callable[[int], Awaitable[int | None]]
 
 
@@ -203,6 +204,10 @@ class Explorer:
         self.report = self.report.model_copy(update={"waiting_for": None})
         if left:
             log.warning("stopping after %.0f s of draining with experiences unconsumed: %s", timeout, left)
+        elif self.config.experiences.consumers:
+            # A consumer that acked the last batch may read once more: it gets a clean "exhausted" (410), not a
+            # refused connection, if that read comes within this grace.
+            await asyncio.sleep(FINAL_READ_GRACE_SECONDS)
 
     def _resume_state(self) -> ExplorerState:
         state = load_state(self.sink.directory)

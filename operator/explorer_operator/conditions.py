@@ -83,22 +83,18 @@ def compute(
     status.engines.current = sum(1 for n in engines if n in live)
     status.engines.ready = sum(1 for n in engines if n in live and pod_is_ready(live[n]))
     report = observed.report
+    ended = status.phase in ("Succeeded", "Failed")
     if report is not None:
-        status.step = report.step
-        status.policy_version = report.policy_version
-        status.engines.in_sync = min(report.engines_in_sync or 0, status.engines.ready)
-        if report.last_sync_time:
-            status.last_sync = models.LastSync(
-                time=report.last_sync_time, duration_seconds=report.last_sync_duration_seconds,
-                bytes=report.last_sync_bytes,
-            )  # fmt: skip
+        _take_report(status, report, ended)
 
     def cond(type_: models.ConditionType, value: str, reason: str, message: str = "") -> None:
         status.conditions = set_condition(status.conditions, type_, value, reason, message, now, gen)
 
     cond("Suspended", "True" if spec.suspend and status.phase == "Suspended" else "False",
          "Suspended" if status.phase == "Suspended" else "NotSuspended")  # fmt: skip
-    _synced(status, report, cond)
+    known = next((c for c in status.conditions if c.type == "Synced" and c.status != "Unknown"), None)
+    if not (ended and report is None and known is not None):  # no coordinator left to ask: keep its last word
+        _synced(status, report, cond)
     unwritten = _report_failures(status, result.failures, now, result)
     if status.phase in ("Succeeded", "Failed", "Suspended"):
         cond("Ready", "False", status.phase, f"job is {status.phase}")
@@ -135,6 +131,19 @@ def compute(
     coordinator = live.get(f"{job.name}-coordinator")
     if coordinator is not None and (coordinator.get("status") or {}).get("phase") == "Running":
         result.requeue(POLL_SECONDS)
+
+
+def _take_report(status: models.ExplorerJobStatus, report: Any, ended: bool) -> None:
+    status.step = report.step
+    status.policy_version = report.policy_version
+    # An ended coordinator's final report counts engines that may be gone by now.
+    in_sync = report.engines_in_sync or 0
+    status.engines.in_sync = in_sync if ended else min(in_sync, status.engines.ready)
+    if report.last_sync_time:
+        status.last_sync = models.LastSync(
+            time=report.last_sync_time, duration_seconds=report.last_sync_duration_seconds,
+            bytes=report.last_sync_bytes,
+        )  # fmt: skip
 
 
 def _degraded(troubles: list[tuple[str, str]], healthy_reason: str, cond: Any) -> None:

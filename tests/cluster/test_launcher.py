@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -37,6 +38,8 @@ def start_holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
     assert holder.stdout is not None
     for line in holder.stdout:
         if line.startswith("READY "):
+            # Keep reading: a holder whose pipe fills up (its shutdown logs) would block and never exit.
+            threading.Thread(target=holder.stdout.read, daemon=True).start()
             return holder, Path(line.split(" ", 1)[1].strip())
     holder.wait(timeout=30)
     raise AssertionError(f"holder exited {holder.returncode} before the cluster was ready")

@@ -45,7 +45,7 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     status_port, ray_port, sync_port = free_port(), free_port(), free_port()
     config = write_config(tmp_path, cpu_engines, steps=2, port=status_port)
     body = yaml.safe_load(config.read_text())
-    body["sync"] = {"method": "gloo", "style": "fixed", "interval": 1, "timeoutSeconds": 30}  # waits after step 1
+    body["sync"] = {"method": "gloo", "style": "fixed", "interval": 1, "timeoutSeconds": 600}  # waits after step 1
     config.write_text(yaml.safe_dump(body))
     env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}"}
     argv = [sys.executable, "-m", "explorer", "coordinator", "--config", str(config), "--status-host", "127.0.0.1",
@@ -65,7 +65,8 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
             report = _report(status_port)
             return report if report and report.get("rayNodes") == 2 else None
 
-        report = wait_for(two_nodes, timeout=180, what="the CPU worker joined the coordinator's Ray head")
+        report = wait_for(two_nodes, timeout=180, what=lambda: "the CPU worker joined the coordinator's Ray head; "
+                          f"coordinator log:\n{log.read_text()[-3000:]}")  # fmt: skip
         assert report["phase"] == "Running"
         wait_for(lambda: "waiting for the trainer" in (_report(status_port) or {}).get("message", ""), timeout=180,
                  what="step 1 done and the explorer waiting for a push")  # fmt: skip

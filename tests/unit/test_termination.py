@@ -61,6 +61,14 @@ def test_a_coordinator_that_exited_gets_its_last_step_and_version_into_the_job_s
     before = models.ExplorerJobStatus(phase="Running", step=1)
     status = models.ExplorerJobStatus.model_validate(planner.plan(JOB, 1, s, before, ended, NOW).status)
     assert (status.phase, status.step, status.policy_version) == ("Succeeded", 4, 2)
+    synced = {c.type: (c.status, c.reason) for c in status.conditions}["Synced"]
+    assert synced == ("True", "InSync") and status.engines.in_sync == 3
+
+    # Later passes: the engines are gone and nobody is left to report; the job's last word on sync stays.
+    gone = dataclasses.replace(observed, pods={coordinator: pod}, report=None)
+    later = models.ExplorerJobStatus.model_validate(planner.plan(JOB, 1, s, status, gone, NOW).status)
+    assert {c.type: (c.status, c.reason) for c in later.conditions}["Synced"] == ("True", "InSync")
+    assert (later.phase, later.step, later.policy_version, later.engines.in_sync) == ("Succeeded", 4, 2, 3)
 
 
 def test_a_crashed_pods_log_tail_and_a_failed_coordinators_message_name_the_error() -> None:
