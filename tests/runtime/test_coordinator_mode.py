@@ -47,7 +47,9 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     body = yaml.safe_load(config.read_text())
     body["sync"] = {"method": "gloo", "style": "fixed", "interval": 1, "timeoutSeconds": 600}  # waits after step 1
     config.write_text(yaml.safe_dump(body))
-    env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}"}
+    # As in the pods: Ray's token auth off on both sides. (A ray.init earlier in this pytest process left
+    # RAY_AUTH_MODE=token in os.environ, and a head started with it refuses the worker.)
+    env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}", "RAY_AUTH_MODE": "disabled"}
     argv = [sys.executable, "-m", "explorer", "coordinator", "--config", str(config), "--status-host", "127.0.0.1",
             "--bind-host", "127.0.0.1", "--sync-port", str(sync_port), "--ray-head-port", str(ray_port),
             "--node-ip", HEAD_IP]  # fmt: skip
@@ -58,15 +60,20 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     try:
         wait_for(lambda: _report(status_port), timeout=180, what="the coordinator's status API")
         worker_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # what the worker pod's env sets
-        worker = subprocess.Popen(worker_command(ray_port), env=worker_env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+        worker_log = tmp_path / "worker.log"
+        with worker_log.open("wb") as worker_out:
+            worker = subprocess.Popen(worker_command(ray_port), env=worker_env, stdout=worker_out,
+                                      stderr=subprocess.STDOUT)  # fmt: skip
 
         def two_nodes() -> dict[str, Any] | None:
             report = _report(status_port)
             return report if report and report.get("rayNodes") == 2 else None
 
-        report = wait_for(two_nodes, timeout=180, what=lambda: "the CPU worker joined the coordinator's Ray head; "
-                          f"coordinator log:\n{log.read_text()[-3000:]}")  # fmt: skip
+        def logs() -> str:
+            return f"coordinator log:\n{log.read_text()[-3000:]}\nworker log:\n{worker_log.read_text()[-3000:]}"
+
+        joined = "the CPU worker joined the coordinator's Ray head"
+        report = wait_for(two_nodes, timeout=180, what=lambda: f"{joined}; {logs()}")
         assert report["phase"] == "Running"
         wait_for(lambda: "waiting for the trainer" in (_report(status_port) or {}).get("message", ""), timeout=180,
                  what="step 1 done and the explorer waiting for a push")  # fmt: skip
