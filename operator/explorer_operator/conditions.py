@@ -25,6 +25,7 @@ CONDITION_ORDER: tuple[models.ConditionType, ...] = (
     "Failed",
 )
 POD_TROUBLE = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CrashLoopBackOff")
+TERMINAL = ("Succeeded", "Failed")
 POLL_SECONDS = 5.0
 # Retrying a refused child: after as long as it has been refused, within these bounds (a doubling backoff).
 CHILD_RETRY_MIN_SECONDS = 5.0
@@ -83,7 +84,7 @@ def compute(
     status.engines.current = sum(1 for n in engines if n in live)
     status.engines.ready = sum(1 for n in engines if n in live and pod_is_ready(live[n]))
     report = observed.report
-    ended = status.phase in ("Succeeded", "Failed")
+    ended = status.phase in TERMINAL
     if report is not None:
         _take_report(status, report, ended)
 
@@ -92,9 +93,7 @@ def compute(
 
     cond("Suspended", "True" if spec.suspend and status.phase == "Suspended" else "False",
          "Suspended" if status.phase == "Suspended" else "NotSuspended")  # fmt: skip
-    known = next((c for c in status.conditions if c.type == "Synced" and c.status != "Unknown"), None)
-    if not (ended and report is None and known is not None):  # no coordinator left to ask: keep its last word
-        _synced(status, report, cond)
+    _synced(status, report, ended, cond)
     unwritten = _report_failures(status, result.failures, now, result)
     if status.phase in ("Succeeded", "Failed", "Suspended"):
         cond("Ready", "False", status.phase, f"job is {status.phase}")
@@ -170,7 +169,9 @@ def _report_failures(
     return [(f.reason, f.text) for f in failures]
 
 
-def _synced(status: models.ExplorerJobStatus, report: Any, cond: Any) -> None:
+def _synced(status: models.ExplorerJobStatus, report: Any, ended: bool, cond: Any) -> None:
+    if report is None and ended and any(c.type == "Synced" and c.status != "Unknown" for c in status.conditions):
+        return  # no coordinator left to ask: its last word stands
     if report is None:
         cond("Synced", "Unknown", "NoReport", "the coordinator has not reported yet")
     elif report.policy_version is None:

@@ -27,8 +27,6 @@ from explorer_operator.world import (
     timestamp,
 )
 
-TERMINAL = ("Succeeded", "Failed")
-
 
 def _hash(obj: dict[str, Any] | None) -> str | None:
     if not obj:
@@ -88,9 +86,9 @@ def plan(
     desired_pods = builders.build_desired_pods(job, spec)
     coordinator_name = f"{job.name}-coordinator"
 
-    if status.phase not in TERMINAL:
+    if status.phase not in conditions.TERMINAL:
         _detect_completion(status, observed, coordinator_name, now, result)
-    if status.phase in TERMINAL:
+    if status.phase in conditions.TERMINAL:
         _cleanup_terminal(spec, status, observed, coordinator_name, result)
     elif spec.suspend:
         for pod in observed.pods.values():
