@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from kubernetes import client, config
 
-from explorer_operator import kube, leadership, metrics, reconcile, workqueue
+from explorer_operator import indexes, kube, leadership, metrics, reconcile, workqueue
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = 300.0
@@ -21,14 +21,14 @@ POLL_TIMEOUT = httpx.Timeout(1.0)
 class Controller:
     """Owns the queue, the workers and the clients; ``stop`` releases all of them."""
 
-    def __init__(self, workers: int = 8):
+    def __init__(self, view: indexes.View, workers: int = 8):
         self.queue: workqueue.WorkQueue[tuple[str, str]] = workqueue.WorkQueue()
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []
         self._failures: dict[tuple[str, str], int] = {}
         self._http = httpx.AsyncClient(timeout=POLL_TIMEOUT)
         self._api_client = config.new_client_from_config() if _has_kubeconfig() else _in_cluster()
-        self.reconciler = reconcile.Reconciler(kube.Kube(self._api_client), self._http)
+        self.reconciler = reconcile.Reconciler(kube.Kube(self._api_client), self._http, view)
 
     def enqueue(self, namespace: str, name: str) -> None:
         self.queue.add((namespace, name))

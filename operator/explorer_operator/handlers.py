@@ -11,18 +11,20 @@ from typing import Any
 
 import kopf
 
-from explorer_operator import builders, controller, models
+from explorer_operator import builders, controller, indexes, models
 
 OWN = {builders.MANAGED_BY: builders.OPERATOR_NAME}
+indexes.register()
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **indices: Any) -> None:
     settings.posting.enabled = False  # our own Events carry a fixed catalogue of reasons
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.scanning.disabled = True  # the resources are known: no CRD/namespace scanning, no RBAC for it
-    memo["controller"] = controller.Controller()
+    indexes.filter_server_side(settings)
+    memo["controller"] = controller.Controller(indexes.KopfView(indices))
     await memo["controller"].start()
 
 
@@ -34,10 +36,10 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(models.GROUP, models.VERSION, models.PLURAL)
-def job_changed(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+def job_changed(type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     ctl: controller.Controller = memo["controller"]
-    if namespace is None:
-        return
+    if namespace is None or ctl.reconciler.wrote(namespace, name, body.metadata.get("resourceVersion", "")):
+        return  # the echo of our own status write: nothing in it is news
     if type == "DELETED":
         ctl.queue.forget((namespace, name))
     ctl.enqueue(namespace, name)

@@ -76,10 +76,6 @@ class Kube:
         base = f"/apis/{models.GROUP}/{models.VERSION}/namespaces/{namespace}/{models.PLURAL}"
         return f"{base}/{name}" if name else base
 
-    def list_core(self, namespace: str, kind: str, selector: str) -> dict[str, dict[str, Any]]:
-        items = self.request("GET", self.core_path(namespace, kind), [("labelSelector", selector)])["items"]
-        return {item["metadata"]["name"]: item for item in items}
-
     def get_core(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = self.request("GET", self.core_path(namespace, kind, name))
@@ -106,19 +102,11 @@ class Kube:
             if err.status not in (404, 409):
                 raise
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            job: dict[str, Any] = self.request("GET", self.job_path(namespace, name))
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-        return job
-
-    def apply_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def apply_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        """Apply the status; returns the job as the write left it."""
         body = {"apiVersion": models.API_VERSION, "kind": models.KIND, "metadata": {"name": name}, "status": status}
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        self.request("PATCH", self.job_path(namespace, name) + "/status", query, body=body, content_type=APPLY)
+        return self.request("PATCH", self.job_path(namespace, name) + "/status", query, body=body, content_type=APPLY)
 
     def post_event(self, job: dict[str, Any], type_: str, reason: str, note: str, event_time: str) -> None:
         meta = job["metadata"]

@@ -1,5 +1,7 @@
 """The executor: observe one ExplorerJob's world, run the planner, perform its plan, write status only on change.
 
+It observes from kopf's indexes (``indexes``), so a pass costs API requests only for what it changes.
+
 Every write of the plan is attempted and its outcome kept: a refused or conflicting child never aborts the pass.
 The planner then runs again with those failures, so status, events and the startup deadline always reflect them;
 transient errors (timeouts, conflicts, throttling, 5xx) are retried through the controller's backoff instead.
@@ -19,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from explorer import status_api
-from explorer_operator import builders, conditions, kube, metrics, models, planner, validation, world
+from explorer_operator import builders, conditions, indexes, kube, metrics, models, planner, validation, world
 from explorer_operator.world import (
     CONFLICT,
     REJECTED,
@@ -70,12 +72,45 @@ def _validation_message(err: ValidationError) -> str:
     return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    before: str  # the job's resourceVersion the write was planned from
+    job: dict[str, Any]  # the API server's answer: the job as the write left it
+
+
 class Reconciler:
     """Reconciles jobs by (namespace, name); every Kubernetes call runs in a worker thread."""
 
-    def __init__(self, api: kube.Kube, http: httpx.AsyncClient):
+    def __init__(self, api: kube.Kube, http: httpx.AsyncClient, view: indexes.View):
         self.api = api
         self.http = http
+        self.view = view
+        self._written: dict[tuple[str, str], _Written] = {}
+
+    def wrote(self, namespace: str, name: str, resource_version: str) -> bool:
+        """Whether this version of the job is the one our own last status write made (its watch event is news to
+        nobody, so it needs no pass)."""
+        written = self._written.get((namespace, name))
+        return written is not None and written.job["metadata"].get("resourceVersion") == resource_version
+
+    def _job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The job from the index, or the answer to our own status write while the index has not seen it yet (so
+        a pass never plans from a status older than the one it wrote: no restart is counted twice)."""
+        job = self.view.job(namespace, name)
+        written = self._written.get((namespace, name))
+        if written is None:
+            return job
+        if job is not None and job["metadata"].get("resourceVersion") == written.before:
+            return written.job
+        if job is None or job["metadata"].get("resourceVersion") != written.job["metadata"].get("resourceVersion"):
+            del self._written[(namespace, name)]  # the watch has caught up (or moved on)
+        return job
+
+    async def _write_status(self, job: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        answer = await asyncio.to_thread(self.api.apply_job_status, meta["namespace"], meta["name"], status)
+        if isinstance(answer, dict) and "metadata" in answer:
+            self._written[(meta["namespace"], meta["name"])] = _Written(meta.get("resourceVersion", ""), answer)
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One pass; returns seconds until the job wants another pass (None: wait for events)."""
@@ -87,7 +122,7 @@ class Reconciler:
             metrics.RECONCILES.inc()
 
     async def _reconcile(self, namespace: str, name: str) -> float | None:
-        job = await asyncio.to_thread(self.api.get_job, namespace, name)
+        job = self._job(namespace, name)
         if job is None:
             metrics.forget_job(namespace, name)
             return None
@@ -113,7 +148,7 @@ class Reconciler:
         now = _now()
         generation = meta.get("generation", 0)
         result = planner.plan(ref, generation, spec, previous, observed, now)
-        outcome = await self._perform(ref, result)
+        outcome = await self._perform(ref, result, observed)
         if outcome.terminating:
             return None  # the namespace (and with it this job) is being deleted
         if outcome.failures:
@@ -121,17 +156,19 @@ class Reconciler:
         for event in result.events:
             await self._event(job, event.type, event.reason, event.message, now)
         if result.status != observed_status:
-            await asyncio.to_thread(self.api.apply_job_status, namespace, name, result.status)
+            await self._write_status(job, result.status)
             metrics.job_transition(namespace, name, meta, previous, result.status)
         if outcome.transient:
             raise TransientWriteError("; ".join(outcome.transient))
         return result.requeue_after
 
-    async def _perform(self, ref: builders.JobRef, result: Plan) -> _Outcome:
+    async def _perform(self, ref: builders.JobRef, result: Plan, observed: Observed) -> _Outcome:
         """Every apply, then every delete, each outcome kept (independent objects: the API server orders nothing
         between them, so each batch runs concurrently)."""
         outcome = _Outcome()
-        applied = await asyncio.gather(*(self._apply(ref, obj) for obj in result.applies), return_exceptions=True)
+        applied = await asyncio.gather(
+            *(self._apply(ref, obj, observed) for obj in result.applies), return_exceptions=True
+        )
         for obj, done in zip(result.applies, applied, strict=True):
             if isinstance(done, ChildFailure):
                 outcome.failures.append(done)
@@ -147,22 +184,21 @@ class Reconciler:
                 outcome.add(kind, name, done)
         return outcome
 
-    async def _apply(self, ref: builders.JobRef, obj: dict[str, Any]) -> ChildFailure | None:
+    async def _apply(self, ref: builders.JobRef, obj: dict[str, Any], observed: Observed) -> ChildFailure | None:
         """Server-side apply (forced: the operator owns every field it sets), but never onto an object another
-        controller, or no controller, holds: that is a conflict to report, not a child to take over."""
+        controller, or no controller, holds: that is a conflict to report, not a child to take over. A child the
+        index already shows as ours needs no look; a new name is read first, since an unlabelled holder of it is
+        invisible to the index."""
         kind, name = obj["kind"], obj["metadata"]["name"]
-        existing = await asyncio.to_thread(self.api.get_core, ref.namespace, kind, name)
-        if existing is not None and not owned_by(existing, ref.uid):
-            return ChildFailure(kind, name, CONFLICT, not_owned_message(existing))
+        if name not in observed.children(kind):
+            existing = await asyncio.to_thread(self.api.get_core, ref.namespace, kind, name)
+            if existing is not None and not owned_by(existing, ref.uid):
+                return ChildFailure(kind, name, CONFLICT, not_owned_message(existing))
         await asyncio.to_thread(self.api.apply, obj)
         return None
 
     async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
-        selector = f"{builders.JOB_LABEL}={ref.name}"
-        lists = await asyncio.gather(
-            *(asyncio.to_thread(self.api.list_core, ref.namespace, kind, selector) for kind in kube.CORE_KINDS)
-        )
-        observed = world.observe(ref.uid, dict(zip(kube.CORE_KINDS, lists, strict=True)))
+        observed = world.observe(ref.uid, self.view.children(ref.namespace, ref.name))
         report = await self._poll_coordinator(observed.pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
         return dataclasses.replace(observed, report=report)
 
@@ -199,9 +235,7 @@ class Reconciler:
         )
         wire = status.to_wire()
         if wire != observed:
-            await asyncio.to_thread(
-                self.api.apply_job_status, job["metadata"]["namespace"], job["metadata"]["name"], wire
-            )
+            await self._write_status(job, wire)
         if was is None or was.reason != "InvalidSpec" or was.message != message:
             await self._event(job, "Warning", "InvalidSpec", message, now)
 

@@ -56,8 +56,9 @@ class Observed:
     foreign: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def children(self, kind: str) -> dict[str, dict[str, Any]]:
-        """Observed non-pod children of one kind, by name."""
-        return {"ConfigMap": self.config_maps, "Service": self.services, "NetworkPolicy": self.network_policies}[kind]
+        """Observed children of one kind, by name."""
+        return {"Pod": self.pods, "ConfigMap": self.config_maps, "Service": self.services,
+                "NetworkPolicy": self.network_policies}[kind]  # fmt: skip
 
 
 def observe(uid: str, listed: dict[str, dict[str, dict[str, Any]]]) -> Observed:
@@ -126,7 +127,10 @@ class Plan:
 
 
 def pod_is_ready(pod: dict[str, Any]) -> bool:
+    """Running and Ready, and not on its way out: a pod being deleted still reports Ready for its grace period."""
     status = pod.get("status") or {}
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
     return status.get("phase") == "Running" and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
     )

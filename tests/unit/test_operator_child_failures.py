@@ -170,17 +170,20 @@ class FakeKube:
 
     def __init__(self, job: dict[str, Any], objects: dict[tuple[str, str], dict[str, Any]],
                  refuse: dict[str, ApiException]):  # fmt: skip
-        self.job, self.objects, self.refuse = job, objects, refuse
+        self.job_object, self.objects, self.refuse = job, objects, refuse
         self.applied: list[str] = []
         self.deleted: list[tuple[str, str, str]] = []
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.job
+    # the indexes' View: what the watches would have delivered
+    def job(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.job_object
 
-    def list_core(self, namespace: str, kind: str, selector: str) -> dict[str, dict[str, Any]]:
-        return {n: o for (k, n), o in self.objects.items() if k == kind and selector in _label_pairs(o)}
+    def children(self, namespace: str, name: str) -> dict[str, dict[str, dict[str, Any]]]:
+        label = f"{builders.JOB_LABEL}={name}"
+        return {kind: {n: o for (k, n), o in self.objects.items() if k == kind and label in _label_pairs(o)}
+                for kind in kube.CORE_KINDS}  # fmt: skip
 
     def get_core(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, name))
@@ -197,7 +200,7 @@ class FakeKube:
 
     def apply_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.statuses.append(status)
-        self.job["status"] = status
+        self.job_object["status"] = status
 
     def post_event(self, job: dict[str, Any], type_: str, reason: str, note: str, event_time: str) -> None:
         self.events.append((type_, reason, note))
@@ -217,7 +220,7 @@ def fake_cluster(refuse: dict[str, ApiException], **extra: dict[str, Any]) -> Fa
 def reconcile_once(api: FakeKube) -> float | None:
     async def run() -> float | None:
         async with httpx.AsyncClient() as http:
-            return await reconcile.Reconciler(api, http).reconcile("team", "rl")  # type: ignore[arg-type]
+            return await reconcile.Reconciler(api, http, api).reconcile("team", "rl")  # type: ignore[arg-type]
 
     return asyncio.run(run())
 
@@ -258,6 +261,51 @@ def test_deletes_name_the_uid_they_mean() -> None:
     s = spec(engines={"replicas": 1})
     extra = running(builders.build_engine_pod(JOB, s, builders.engine_groups(s)[0], 1))
     api = fake_cluster({}, **{"rl-engine-1": extra})
-    api.job["spec"] = s.to_wire()
+    api.job_object["spec"] = s.to_wire()
     reconcile_once(api)
     assert api.deleted == [("Pod", "rl-engine-1", "pod-rl-engine-1")]
+
+
+class StaleIndex(FakeKube):
+    """The watch lags: the index keeps showing the job as it was before the operator's status writes, and the
+    failed pod the operator already deleted."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.indexed = copy.deepcopy(self.job_object)
+        self.indexed["metadata"]["resourceVersion"] = "1"
+        self.writes = 0
+
+    def job(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.indexed
+
+    def delete(self, namespace: str, kind: str, name: str, uid: str) -> None:
+        self.deleted.append((kind, name, uid))  # the index still lists it
+
+    def apply_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.writes += 1
+        self.statuses.append(status)
+        answer = copy.deepcopy(self.indexed)
+        answer["metadata"]["resourceVersion"] = str(1 + self.writes)
+        answer["status"] = status
+        return answer
+
+
+def test_a_lagging_index_never_handles_a_pod_failure_twice_and_our_own_write_is_recognised() -> None:
+    s = spec(engines={"replicas": 1})
+    failed = running(builders.build_engine_pod(JOB, s, builders.engine_groups(s)[0], 0), phase="Failed")
+    api = StaleIndex(fake_cluster({}).job_object, {("Pod", "rl-engine-0"): failed}, {})
+    api.indexed["spec"] = s.to_wire()
+
+    async def passes() -> reconcile.Reconciler:
+        async with httpx.AsyncClient() as http:
+            reconciler = reconcile.Reconciler(api, http, api)  # type: ignore[arg-type]
+            await reconciler.reconcile("team", "rl")
+            await reconciler.reconcile("team", "rl")  # before the watch delivers the first pass's write
+            return reconciler
+
+    reconciler = asyncio.run(passes())
+    assert api.statuses[0]["restarts"] == 1
+    assert [e[1] for e in api.events].count("PodFailed") == 1
+    assert api.writes == 1, "the second pass planned from the status it wrote, so it had nothing to write"
+    assert reconciler.wrote("team", "rl", "2") and not reconciler.wrote("team", "rl", "1")

@@ -91,6 +91,19 @@ def test_fresh_job_plan_creates_everything_and_an_unchanged_world_plans_nothing(
     assert again.status["phase"] == "Running"
 
 
+def test_a_pod_being_deleted_no_longer_counts_as_ready() -> None:
+    s = spec()
+    settled = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), world(s), NOW)
+    name = next(n for n in builders.build_desired_pods(JOB, s) if "engine" in n)
+    leaving = running(builders.build_desired_pods(JOB, s)[name])
+    leaving["metadata"]["deletionTimestamp"] = "2026-11-29T08:00:00Z"  # its status still says Ready
+    status = models.ExplorerJobStatus.model_validate(settled.status)
+    result = planner.plan(JOB, 1, s, status, world(s, **{name: leaving}), NOW)
+    assert result.status["engines"]["ready"] == settled.status["engines"]["ready"] - 1
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and name in ready["message"]
+
+
 def test_failed_engine_is_replaced_after_backoff_and_the_budget_ends_the_job() -> None:
     s = spec()
     failed = running(builders.build_desired_pods(JOB, s)["rl-engine-1"])
