@@ -29,6 +29,9 @@ CONFIG_FILE = "explorer.yaml"
 CONFIG_DIR = "/etc/explorer"
 CONFIG_VOLUME = "config"  # the coordinator's volume for the job's ConfigMap
 TERMINATION_LOG = "/dev/termination-log"
+STORAGE_VOLUME = "explorer-storage"  # the coordinator's claim (spec.storage)
+STORAGE_DIR = "/var/lib/explorer"
+DEFAULT_EXPERIENCES_PATH: str = explorer_config.ExperienceSpec.model_fields["path"].default
 SHM_VOLUME = "dshm"  # the engines' memory-backed /dev/shm
 TMP_VOLUME = "tmp"  # every child's writable /tmp (HOME too): caches of vLLM, torch and Ray land there
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir mount point, private to the pod
@@ -169,9 +172,44 @@ def build_explorer_config(job: JobRef, spec: models.ExplorerJobSpec) -> explorer
         workflow=spec.workflow,
         explore=spec.explore,
         sync=spec.sync,
-        experiences=spec.experiences,
+        experiences=spec.experiences.model_copy(update={"path": experiences_path(spec)}),
         status_port=spec.coordinator.api_port,
     )
+
+
+def experiences_path(spec: models.ExplorerJobSpec) -> str:
+    """Where the coordinator keeps the experience log and resume state: on the job's storage unless the user chose
+    another path."""
+    if spec.storage is not None and spec.experiences.path == DEFAULT_EXPERIENCES_PATH:
+        return f"{STORAGE_DIR}/experiences"
+    return spec.experiences.path
+
+
+def claim_name(job: JobRef, spec: models.ExplorerJobSpec) -> str | None:
+    """The claim the coordinator mounts: the user's, or the one the operator makes (None: no storage)."""
+    if spec.storage is None:
+        return None
+    return spec.storage.existing_claim or f"{job.name}-data"
+
+
+def build_claim(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any] | None:
+    """The job's PersistentVolumeClaim from ``storage.claimTemplate``. Owned by the job (and so garbage-collected
+    with it) only under ``whenDeleted: Delete``; a retained claim carries the labels alone, like a StatefulSet's."""
+    if spec.storage is None or spec.storage.claim_template is None:
+        return None
+    template = spec.storage.claim_template
+    claim_spec: dict[str, Any] = {
+        "accessModes": list(template.access_modes),
+        "resources": {"requests": {"storage": template.size}},
+    }
+    if template.storage_class_name is not None:
+        claim_spec["storageClassName"] = template.storage_class_name
+    if template.volume_name is not None:
+        claim_spec["volumeName"] = template.volume_name
+    metadata = _metadata(job, f"{job.name}-data", "storage")
+    if spec.storage.retention_policy.when_deleted == "Retain":
+        del metadata["ownerReferences"]
+    return with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": claim_spec})
 
 
 def build_config_map(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
@@ -288,7 +326,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
 def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
     """The coordinator: Ray head + explorer driver, hosting the status API and the sync rendezvous."""
     config_name = f"{job.name}-config"
-    container = {
+    container: dict[str, Any] = {
         "name": "coordinator",
         "image": spec.coordinator.image or spec.engines.image,
         "command": ["python3", "-m", "explorer", "coordinator", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
@@ -314,10 +352,15 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
     # at start; picking up added engines while running is not built yet (docs/runtime.md).
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
     pod_spec = _cpu_pod_spec(spec, container)
-    pod_spec["volumes"] = [{"name": CONFIG_VOLUME, "configMap": {"name": config_name}}, *pod_spec.get("volumes", [])]
-    # Writable root: the experience log and resume state still default to a path on it (/data/experiences) until the
-    # job has storage of its own.
-    restricted(pod_spec, read_only_root=False)
+    own_volumes = [{"name": CONFIG_VOLUME, "configMap": {"name": config_name}}]
+    claim = claim_name(job, spec)
+    if claim is not None:
+        own_volumes.append({"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
+        container["volumeMounts"].append({"name": STORAGE_VOLUME, "mountPath": STORAGE_DIR})
+    pod_spec["volumes"] = [*own_volumes, *pod_spec.get("volumes", [])]
+    # Without storage the experience log and resume state default to a path on the root filesystem
+    # (/data/experiences), which must then stay writable.
+    restricted(pod_spec, read_only_root=claim is not None)
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
 
@@ -409,5 +452,7 @@ def build_network_policies(job: JobRef, spec: models.ExplorerJobSpec) -> list[di
 
 
 def build_static_children(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
-    """The ConfigMap, Services and NetworkPolicies (everything but pods)."""
-    return [build_config_map(job, spec), *build_services(job, spec), *build_network_policies(job, spec)]
+    """The ConfigMap, Services, NetworkPolicies and the storage claim (everything but pods)."""
+    claim = build_claim(job, spec)
+    return [build_config_map(job, spec), *build_services(job, spec), *build_network_policies(job, spec),
+            *([claim] if claim else [])]  # fmt: skip

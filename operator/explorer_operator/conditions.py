@@ -66,6 +66,36 @@ def pod_trouble(name: str, pod: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def claim_troubles(
+    job: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed, live: dict[str, dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """Why the job's storage holds the coordinator up: the user's claim does not exist, a claim waits for a volume
+    while the coordinator cannot be scheduled, or a claim lost its volume (and the data on it)."""
+    name = builders.claim_name(job, spec)
+    if name is None:
+        return []
+    claim = observed.claims.get(name)
+    coordinator = live.get(f"{job.name}-coordinator") or {}
+    conditions = (coordinator.get("status") or {}).get("conditions") or []
+    unscheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conditions)
+    started = (coordinator.get("status") or {}).get("phase") in ("Running", "Succeeded")
+    if claim is None:
+        if spec.storage is not None and spec.storage.existing_claim and not started:
+            return [("ClaimNotFound", f"spec.storage.existingClaim: PersistentVolumeClaim {name} does not exist in "
+                     f"namespace {job.namespace}; create it, or name an existing claim")]  # fmt: skip
+        return []
+    phase = (claim.get("status") or {}).get("phase")
+    if phase == "Lost":
+        return [("ClaimLost", f"PersistentVolumeClaim {name} lost its PersistentVolume: the experience log and "
+                 "resume state on it are gone; restore the volume, or delete the job and start over")]  # fmt: skip
+    if phase == "Pending" and unscheduled:
+        wanted = (claim.get("spec") or {}).get("storageClassName") or "the default StorageClass"
+        return [("ClaimNotBound", f"PersistentVolumeClaim {name} is not bound to a volume yet ({wanted}): the "
+                 "coordinator cannot start until it is; check the StorageClass or create a matching "
+                 "PersistentVolume")]  # fmt: skip
+    return []
+
+
 def compute(
     job: builders.JobRef,
     spec: models.ExplorerJobSpec,
@@ -106,7 +136,8 @@ def compute(
     all_ready = bool(desired) and all(n in live and pod_is_ready(live[n]) for n in desired)
     sync_known = report is not None and report.engines_in_sync is not None
     ready = all_ready and (not sync_known or status.engines.in_sync >= status.engines.desired)
-    troubles = unwritten + [t for n, p in live.items() if (t := pod_trouble(n, p))]
+    troubles = unwritten + claim_troubles(job, spec, observed, live)
+    troubles += [t for n, p in live.items() if (t := pod_trouble(n, p))]
     troubles += [("Restarting", f"{p.pod}: {p.reason}; recreated at {p.not_before}") for p in status.pending_restarts]
     _degraded(troubles, "NoPodProblems", cond)
 

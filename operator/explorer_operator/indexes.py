@@ -23,6 +23,7 @@ CHILD_RESOURCES = {
     "Service": (("v1", "services"), "explorer_services"),
     "ConfigMap": (("v1", "configmaps"), "explorer_configmaps"),
     "NetworkPolicy": (("networking.k8s.io", "networkpolicies"), "explorer_networkpolicies"),
+    "PersistentVolumeClaim": (("v1", "persistentvolumeclaims"), "explorer_claims"),
 }
 JOB_INDEX = "explorer_jobs"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from explorer.config import (
     ExperienceSpec,
@@ -86,6 +86,60 @@ class CoordinatorSpec(WireModel):
     )
 
 
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+
+
+AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]
+
+
+class ClaimTemplateSpec(WireModel):
+    """The PersistentVolumeClaim the operator creates for the job, named <job>-data."""
+
+    size: str = Field(default="10Gi", pattern=QUANTITY, description="Requested storage, e.g. 10Gi.")
+    storage_class_name: str | None = Field(default=None, description="StorageClass; unset: the cluster's default.")
+    access_modes: list[AccessMode] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteOnce"]), min_length=1, description="Access modes."
+    )
+    volume_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, description="Bind to this PersistentVolume (statically provisioned)."
+    )
+
+
+class StorageRetentionSpec(WireModel):
+    """What happens to a claim the operator created (StatefulSet's persistentVolumeClaimRetentionPolicy)."""
+
+    when_deleted: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description="Retain: the claim outlives the job, and a job created again under the same name resumes on it; "
+        "Delete: it is garbage-collected with the job.",
+    )
+
+
+class StorageSpec(WireModel):
+    """Durable storage of the coordinator: the experience log, its manifest and the resume state live there, so a
+    replaced coordinator resumes at the last committed step and a trainer can read the step files."""
+
+    claim_template: ClaimTemplateSpec | None = Field(
+        default=None,
+        description="A claim the operator creates and owns.",
+        json_schema_extra=_cel("self == oldSelf", "storage.claimTemplate is immutable: create a new job to change it"),
+    )
+    existing_claim: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        description="A claim that already exists in the job's namespace (never modified or deleted).",
+        json_schema_extra=_cel("self == oldSelf", "storage.existingClaim is immutable: create a new job to change it"),
+    )
+    retention_policy: StorageRetentionSpec = Field(default_factory=StorageRetentionSpec)
+
+    @model_validator(mode="after")
+    def _exactly_one_claim(self) -> StorageSpec:
+        if (self.claim_template is None) == (self.existing_claim is None):
+            raise ValueError("storage needs exactly one of claimTemplate and existingClaim")
+        return self
+
+
 class RestartPolicySpec(WireModel):
     """Bounded, backed-off replacement of failed pods."""
 
@@ -140,6 +194,24 @@ class ExplorerJobSpec(WireModel):
         default=1800, ge=10, description="Fail the job if it is not Ready this long after (re)starting."
     )
     on_completion: OnCompletion = Field(default="DeleteEngines", description="What to remove when the job succeeds.")
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Durable storage mounted at /var/lib/explorer in the coordinator; experiences.path defaults to "
+        "its experiences/ directory. Unset: the log lives wherever experiences.path points.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.claimTemplate) != has(self.existingClaim)",
+                    "message": "storage needs exactly one of claimTemplate and existingClaim",
+                },
+                {
+                    "rule": "has(self.claimTemplate) == has(oldSelf.claimTemplate)",
+                    "message": "storage cannot switch between claimTemplate and existingClaim: the job's data is on "
+                    "the claim it has",
+                },
+            ]
+        },
+    )
 
 
 Phase = Literal["Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended"]

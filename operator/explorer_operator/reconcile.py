@@ -29,8 +29,8 @@ from explorer_operator.world import (
     Observed,
     Plan,
     final_report,
+    is_ours,
     not_owned_message,
-    owned_by,
 )
 
 log = logging.getLogger(__name__)
@@ -192,15 +192,26 @@ class Reconciler:
         kind, name = obj["kind"], obj["metadata"]["name"]
         if name not in observed.children(kind):
             existing = await asyncio.to_thread(self.api.get_core, ref.namespace, kind, name)
-            if existing is not None and not owned_by(existing, ref.uid):
+            if existing is not None and not is_ours(kind, existing, ref.uid):
                 return ChildFailure(kind, name, CONFLICT, not_owned_message(existing))
         await asyncio.to_thread(self.api.apply, obj)
         return None
 
     async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
         observed = world.observe(ref.uid, self.view.children(ref.namespace, ref.name))
+        observed = await self._existing_claim(ref, spec, observed)
         report = await self._poll_coordinator(observed.pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
         return dataclasses.replace(observed, report=report)
+
+    async def _existing_claim(self, ref: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed) -> Observed:
+        """The user's claim (``storage.existingClaim``) carries no label of ours, so the index cannot see it: read it
+        while the coordinator is not running on it yet, to say why it waits (never in a settled job)."""
+        name = spec.storage.existing_claim if spec.storage else None
+        coordinator = observed.pods.get(f"{ref.name}-coordinator")
+        if name is None or ((coordinator or {}).get("status") or {}).get("phase") in ("Running", "Succeeded"):
+            return observed
+        claim = await asyncio.to_thread(self.api.get_core, ref.namespace, "PersistentVolumeClaim", name)
+        return dataclasses.replace(observed, claims={**observed.claims, **({name: claim} if claim else {})})
 
     async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
         status = (pod or {}).get("status") or {}

@@ -48,8 +48,10 @@ def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
 
 
 def _coordinator_volume_problems(coordinator: models.CoordinatorSpec) -> list[str]:
-    """The operator's own volumes (the job's config, the writable /tmp) cannot be shadowed by the user's."""
-    reserved = {builders.CONFIG_VOLUME: builders.CONFIG_DIR, builders.TMP_VOLUME: builders.TMP_DIR}
+    """The operator's own volumes (the job's config, the writable /tmp, the job's storage) cannot be shadowed by the
+    user's."""
+    reserved = {builders.CONFIG_VOLUME: builders.CONFIG_DIR, builders.TMP_VOLUME: builders.TMP_DIR,
+                builders.STORAGE_VOLUME: builders.STORAGE_DIR}  # fmt: skip
     return _volume_problems("spec.coordinator", coordinator.volumes, coordinator.volume_mounts, reserved)
 
 

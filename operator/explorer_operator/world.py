@@ -7,6 +7,7 @@ import datetime
 from typing import Any
 
 from explorer import status_api, termination
+from explorer_operator import builders
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -33,6 +34,17 @@ def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return ref is not None and ref.get("uid") == uid
 
 
+def is_ours(kind: str, obj: dict[str, Any], uid: str) -> bool:
+    """Whether ``obj`` is this job's child: controlled by its UID, or a storage claim the operator made for a job of
+    this name and left without an owner so that it outlives the job (``whenDeleted: Retain``); that claim is
+    reused."""
+    if owned_by(obj, uid):
+        return True
+    meta = obj.get("metadata") or {}
+    made_by_us = (meta.get("labels") or {}).get(builders.MANAGED_BY) == builders.OPERATOR_NAME
+    return kind == "PersistentVolumeClaim" and made_by_us and controller_of(obj) is None
+
+
 def not_owned_message(obj: dict[str, Any]) -> str:
     """Why an existing object cannot be taken over, naming its controller."""
     ref = controller_of(obj)
@@ -53,21 +65,22 @@ class Observed:
     config_maps: dict[str, dict[str, Any]]
     report: status_api.CoordinatorReport | None = None
     network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    claims: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     foreign: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def children(self, kind: str) -> dict[str, dict[str, Any]]:
         """Observed children of one kind, by name."""
         return {"Pod": self.pods, "ConfigMap": self.config_maps, "Service": self.services,
-                "NetworkPolicy": self.network_policies}[kind]  # fmt: skip
+                "NetworkPolicy": self.network_policies, "PersistentVolumeClaim": self.claims}[kind]  # fmt: skip
 
 
 def observe(uid: str, listed: dict[str, dict[str, dict[str, Any]]]) -> Observed:
     """Split the label-selected lists (kind -> name -> object) into the job's own children and foreign objects."""
-    own = {kind: {n: o for n, o in objs.items() if owned_by(o, uid)} for kind, objs in listed.items()}
+    own = {kind: {n: o for n, o in objs.items() if is_ours(kind, o, uid)} for kind, objs in listed.items()}
     foreign = {(kind, n): o for kind, objs in listed.items() for n, o in objs.items() if n not in own[kind]}
     return Observed(
         pods=own.get("Pod", {}), services=own.get("Service", {}), config_maps=own.get("ConfigMap", {}),
-        network_policies=own.get("NetworkPolicy", {}), foreign=foreign,
+        network_policies=own.get("NetworkPolicy", {}), claims=own.get("PersistentVolumeClaim", {}), foreign=foreign,
     )  # fmt: skip
 
 
