@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         job = yaml.safe_load(demo_stack.CPU_JOB.read_text())
         job["spec"]["explore"]["totalSteps"] = args.total_steps
         name = job["metadata"]["name"]
+        demo_stack.job_storage(plane, NAMESPACE, name)
         demo_stack.apply(plane, NAMESPACE, [job])
         address = wait(plane, name, lambda s: (s.get("sync") or {}).get("address"), args.timeout, "a sync address")
         pushes = max(1, args.total_steps // job["spec"]["sync"]["interval"] - 1)

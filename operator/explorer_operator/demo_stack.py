@@ -4,10 +4,12 @@ CPU example job and a reference-trainer pod. ``make demo`` and the end-to-end te
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from explorer_operator import builders
 from kubeplane import cluster, images, nodeconfig, paths
 
 OPERATOR_NAMESPACE = "explorer-system"
@@ -136,6 +138,39 @@ def model_volume(plane: cluster.LocalCluster, namespace: str) -> Path:
     }
     kubectl(plane, "apply", "-f", "-", stdin="\n---\n".join(json.dumps(o) for o in (pv, pvc)))
     return model_dir
+
+
+STORAGE_CLASS = "local-explorer"  # the example job's claimTemplate asks for this class; no provisioner serves it
+
+
+def job_storage(plane: cluster.LocalCluster, namespace: str, job: str) -> Path:
+    """A ``local`` PersistentVolume on the real node, bound ahead to the claim ``<job>-data`` that the operator makes
+    from the example job's ``storage.claimTemplate`` (the plane has no provisioner). Returns its host directory: the
+    experience log, its manifest and the resume state land there."""
+    assert plane.workdir is not None
+    root = plane.workdir / "storage" / namespace / f"{job}-data"
+    root.mkdir(parents=True, exist_ok=True)
+    # A local volume keeps the host's ownership: let the coordinator's user write (the directory is inside the
+    # plane's private workdir).
+    os.chown(root, builders.RUN_AS, builders.RUN_AS)
+    root.chmod(0o777)
+    terms = [{"matchExpressions": [{"key": nodeconfig.REAL_NODE_LABEL, "operator": "In", "values": ["true"]}]}]
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-{job}-data"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "local": {"path": str(root)},
+            "claimRef": {"namespace": namespace, "name": f"{job}-data"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": terms}},
+        },
+    }
+    kubectl(plane, "apply", "-f", "-", stdin=json.dumps(pv))
+    return root
 
 
 def trainer_objects(

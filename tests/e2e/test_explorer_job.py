@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from kubernetes import client
 
 from explorer_operator import demo_stack
@@ -62,7 +63,13 @@ def job_status(real_plane: LocalCluster) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def running_job(real_plane: LocalCluster, operator_installed: None, model_volume: Path) -> dict[str, Any]:
+def job_storage(real_plane: LocalCluster, model_volume: Path) -> Path:
+    """The host directory of the local volume bound ahead to the claim the operator makes for the job."""
+    return demo_stack.job_storage(real_plane, NAMESPACE, JOB)
+
+
+@pytest.fixture(scope="module")
+def running_job(real_plane: LocalCluster, operator_installed: None, job_storage: Path) -> dict[str, Any]:
     demo_stack.kubectl(real_plane, "apply", "-n", NAMESPACE, "-f", str(demo_stack.CPU_JOB))
     return wait_for(
         lambda: (s := job_status(real_plane)).get("engines", {}).get("ready") == 2 and s,
@@ -144,7 +151,11 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
 
 
 def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
-    real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any], model_volume: Path
+    real_plane: LocalCluster,
+    real_api: client.ApiClient,
+    running_job: dict[str, Any],
+    model_volume: Path,
+    job_storage: Path,
 ) -> None:
     address = running_job["sync"]["address"]
     demo_stack.apply(real_plane, NAMESPACE, demo_stack.trainer_objects(JOB, address, seed=TRAINER_SEED))
@@ -164,6 +175,7 @@ def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
     assert synced.get("Synced") == "True", status["conditions"]
     printed = demo_stack.kubectl(real_plane, "get", "ej", JOB, "-n", NAMESPACE)
     assert "Succeeded" in printed
+    assert_every_step_on_the_claim_once(job_storage, status["totalSteps"])
 
     # Both engines serve exactly the pushed weights: their logprobs match an HF forward pass of them.
     state = load_trainer_module().toy_update(model_volume, TRAINER_SEED)
@@ -175,3 +187,20 @@ def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
             forward.terminate()
             forward.wait(timeout=10)
         assert error < 2e-4, f"{pod} serves weights that differ from the push (max logprob error {error})"
+
+
+def assert_every_step_on_the_claim_once(storage: Path, total_steps: int) -> None:
+    """The coordinator (read-only root) wrote its log and resume state on the job's claim: every step committed,
+    each (batch, task, run) exactly once, the full batch in each step."""
+    job = yaml.safe_load(demo_stack.CPU_JOB.read_text())["spec"]
+    per_step = job["explore"]["batchSize"] * job["explore"]["repeatTimes"]
+    log = storage / "experiences"
+    manifest = json.loads((log / "manifest.json").read_text())
+    assert sorted(int(s) for s in manifest["steps"]) == list(range(1, total_steps + 1)), manifest
+    keys = []
+    for entry in manifest["steps"].values():
+        records = [json.loads(line) for line in (log / entry["file"]).read_text().splitlines() if line]
+        assert len(records) == entry["experiences"] == per_step, entry
+        keys += [(r["batch_id"], r["task_id"], r["run_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == total_steps * per_step
+    assert json.loads((log / "explorer-state.json").read_text())["step"] == total_steps
