@@ -97,12 +97,15 @@ def _run(
     sync: SyncCoordinator,
     ray_head_port: int | None = None,
     node_ip: str | None = None,
+    engines_first: bool = False,
 ) -> int:
     with ray_session(node_ip or ("127.0.0.1" if host.startswith("127.") else None), ray_head_port):
-        return _explore(cfg, host, port, sync)
+        return _explore(cfg, host, port, sync, engines_first)
 
 
-def _explore(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator) -> int:
+def _explore(
+    cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator, engines_first: bool
+) -> int:
     ex = explorer.Explorer(cfg, sync=sync)
     bar = tqdm(total=cfg.explore.total_steps, desc="explore", unit="step")
 
@@ -112,7 +115,7 @@ def _explore(cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: Sy
 
     ex.on_step = progress
     try:
-        summary = asyncio.run(explorer.serve_and_explore(ex, host, port))
+        summary = asyncio.run(explorer.serve_and_explore(ex, host, port, engines_first=engines_first))
     finally:
         bar.close()
         termination.write(ex.current_report())  # in a pod: the operator's account of how this run ended
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(cfg, args.status_host, status_port, sync_coordinator(cfg, False, args.sync_port))
     sync = sync_coordinator(cfg, True, args.sync_port, args.bind_host)
-    return _run(cfg, args.status_host, status_port, sync, args.ray_head_port or None, args.node_ip)
+    # A coordinator pod starts long before its engines have loaded the model: it explores once they answer.
+    return _run(cfg, args.status_host, status_port, sync, args.ray_head_port or None, args.node_ip, engines_first=True)
 
 
 if __name__ == "__main__":

@@ -333,11 +333,32 @@ def alive_ray_nodes() -> int | None:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+async def wait_for_engines(explorer: Explorer, period: float = 2.0) -> None:
+    """Until every rollout engine answers ``/health``: a coordinator pod starts in seconds, its engines load models
+    for minutes, and tasks sent meanwhile fail and commit steps without experiences. The operator's startup
+    deadline bounds the wait; the report says which engines it waits for."""
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        while down := [e.index for e in await probe_engines(explorer.config, http) if not e.healthy]:
+            reason = f"engines {', '.join(map(str, down))} to answer /health"
+            if explorer.report.waiting_for != reason:
+                log.warning("waiting for %s before the first step", reason)
+                explorer.report = explorer.report.model_copy(update={"waiting_for": reason,
+                                                                     "message": f"waiting for {reason}"})  # fmt: skip
+            await asyncio.sleep(period)
+    explorer.report = explorer.report.model_copy(update={"waiting_for": None})
+
+
 async def serve_and_explore(
-    explorer: Explorer, host: str, port: int, probe_seconds: float = 5.0, experience_port: int | None = None
+    explorer: Explorer,
+    host: str,
+    port: int,
+    probe_seconds: float = 5.0,
+    experience_port: int | None = None,
+    engines_first: bool = False,
 ) -> str:
     """Explore while the status API publishes progress and the sync API takes pushes and serves experiences (without
-    a sync coordinator, ``experience_port`` serves the experiences alone); then drain the experience stream."""
+    a sync coordinator, ``experience_port`` serves the experiences alone); then drain the experience stream.
+    ``engines_first``: start exploring only once every rollout engine is healthy (``wait_for_engines``)."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
@@ -360,6 +381,8 @@ async def serve_and_explore(
         experiences = await status_api.serve_app(api.build_app(None, lambda: explorer.stream), host, experience_port)
     publisher = asyncio.create_task(publish())
     try:
+        if engines_first:
+            await wait_for_engines(explorer)
         summary = await explorer.explore()
         if explorer.sync is not None or experiences is not None:
             await explorer.drain()

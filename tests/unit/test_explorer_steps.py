@@ -115,3 +115,44 @@ def test_the_explorer_state_is_written_durably(tmp_path: Path, monkeypatch: pyte
     explorer_mod._save_state(tmp_path, explorer_mod.ExplorerState(3, 9))
     assert events == [("fsync", explorer_mod.STATE_FILE), ("replace", explorer_mod.STATE_FILE), ("fsync", "<dir>")]
     assert explorer_mod.load_state(tmp_path) == explorer_mod.ExplorerState(3, 9)
+
+
+def test_a_coordinator_explores_only_once_every_engine_answers_health(tmp_path: Path) -> None:
+    """Found on real pods: the coordinator started minutes before its engines had loaded the model, and committed
+    its first steps with zero experiences (every request refused). Here an engine's /health fails three times."""
+    from aiohttp import web
+
+    answers = iter([503, 503, 503])
+    seen: list[str | None] = []
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=next(answers, 200))
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        cfg = explorer_config(tmp_path, delay=0).model_copy(deep=True)
+        cfg.rollout.engines[0].url = f"http://127.0.0.1:{port}"
+        explorer = explorer_mod.Explorer(cfg)
+
+        async def watch() -> None:
+            while True:
+                seen.append(explorer.report.waiting_for)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await asyncio.wait_for(explorer_mod.wait_for_engines(explorer, period=0.05), 10)
+        finally:
+            watcher.cancel()
+            await runner.cleanup()
+        assert explorer.report.waiting_for is None
+
+    asyncio.run(scenario())
+    assert next(answers, None) is None, "it returned before the engine answered 200"
+    assert "engines 0 to answer /health" in seen
