@@ -51,9 +51,8 @@ def _child_changed(namespace: str | None, labels: Mapping[str, str], memo: Any, 
         memo["controller"].enqueue(namespace, job)
 
 
-for _kind in ("pods", "services", "configmaps"):
-    kopf.on.event("v1", _kind, labels=OWN)(_child_changed)
-kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWN)(_child_changed)
+for _resource, _ in indexes.CHILD_RESOURCES.values():
+    kopf.on.event(*_resource, labels=OWN)(_child_changed)
 
 
 @kopf.on.probe(id="queued")

@@ -13,19 +13,24 @@ from typing import Any, Protocol
 
 import kopf
 
-from explorer_operator import builders, models
+from explorer_operator import builders, kube, models
 
 JobKey = tuple[str, str]  # (namespace, job name)
 
-# kind -> (kopf resource selector, index id); an index reaches handlers as a keyword argument of that name
-CHILD_RESOURCES = {
-    "Pod": (("v1", "pods"), "explorer_pods"),
-    "Service": (("v1", "services"), "explorer_services"),
-    "ConfigMap": (("v1", "configmaps"), "explorer_configmaps"),
-    "NetworkPolicy": (("networking.k8s.io", "networkpolicies"), "explorer_networkpolicies"),
-    "PersistentVolumeClaim": (("v1", "persistentvolumeclaims"), "explorer_claims"),
-}
 JOB_INDEX = "explorer_jobs"
+
+
+def _selector(group_path: str, plural: str) -> tuple[str, str]:
+    """kopf's (group or core version, plural) for an API path: "/api/v1" is core, "/apis/<group>/<v>" a group."""
+    return group_path.strip("/").split("/")[1], plural
+
+
+# kind -> (kopf resource selector, index id), one per child kind the operator owns (kube.CORE_KINDS); an index
+# reaches handlers as a keyword argument named by its id
+CHILD_RESOURCES = {
+    kind: (_selector(group_path, plural), f"explorer_{plural}")
+    for kind, (group_path, plural) in kube.CORE_KINDS.items()
+}
 
 
 class View(Protocol):
