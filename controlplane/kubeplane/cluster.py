@@ -473,6 +473,8 @@ class LocalCluster:
         self._wait_real_nodes_ready()
         for node in self.real_nodes:
             node.start_addons()
+        for node in self.real_nodes:
+            node.wait_service_rules()  # a plane that says it is up routes Services
 
     def _image_store(self, index: int) -> Path | None:
         """Node ``index``'s kept image store when no other live plane holds it, else None (a fresh one)."""

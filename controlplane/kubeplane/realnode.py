@@ -345,6 +345,20 @@ class RealNode:
         for name, port, path in checks:
             self._wait_local_http(name, port, path)
 
+    def wait_service_rules(self, timeout: float = 180.0) -> None:
+        """Wait for kube-proxy's first sync inside the node (its KUBE-SERVICES chain): until then no ClusterIP routes,
+        and kube-proxy's /healthz says healthy while it is still starting, so it cannot tell."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_daemons()
+            listed = run(self.nsenter(["iptables-save", "-t", "nat"]), check=False, timeout=30).stdout
+            if ":KUBE-SERVICES" in listed:
+                return
+            time.sleep(0.5)
+        proxy = next((p for p in self.daemons if p.name.endswith("kube-proxy")), None)
+        tail = proxy.log_tail(20) if proxy is not None else "(kube-proxy not started)"
+        raise RealNodeError(f"{self.name}: kube-proxy wrote no Service rules after {timeout:.0f}s:\n{tail}")
+
     def _wait_local_http(self, name: str, port: int, path: str, timeout: float = 60.0) -> None:
         """Wait for a daemon's health endpoint on the node's own loopback."""
         probe = f"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}{path}', timeout=2)"
