@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from explorer import config as explorer_config
-from explorer import engine_args, explorer, local_engine, termination, tiny_model
+from explorer import credentials, engine_args, explorer, local_engine, termination, tiny_model
 from explorer.weight_sync.rendezvous import SyncCoordinator
 
 RAY_HEAD_PORT = 6379  # the coordinator Service's "ray" port; CPU worker pods join here
@@ -64,8 +64,10 @@ def ray_session(node_ip: str | None, head_port: int | None) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    # Worker pods join without a token: the job's NetworkPolicy admits only the job's own pods to the Ray port.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Token auth with the job token: a pod of the job that has no token (or anything else reaching the port) cannot
+    # join or submit work. Worker pods mount the same token (builders.build_worker_pod).
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(credentials.directory() / credentials.JOB_TOKEN)
     ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     argv = [ray_cli, "start", "--head", "--block", f"--port={head_port}", "--include-dashboard=false",
             "--disable-usage-stats", *([f"--node-ip-address={node_ip}"] if node_ip else [])]  # fmt: skip
@@ -129,6 +131,7 @@ def demo(args: argparse.Namespace) -> int:
     """Two local CPU engines on the tiny model, the built-in arithmetic taskset, experiences with rewards."""
     model = tiny_model.make_tiny_model(tiny_model.default_model_dir())
     work = Path(args.output or tempfile.mkdtemp(prefix="explorer-demo-"))
+    local_credentials(work / "credentials")  # before the engines start: they inherit it
     engines = [
         local_engine.LocalEngine(
             engine_args.EngineArgs(model=str(model), served_model_name="tiny", dtype="float32",
@@ -167,6 +170,24 @@ def demo(args: argparse.Namespace) -> int:
             engine.stop()
 
 
+def local_credentials(directory: Path) -> None:
+    """A local run's tokens: the ones ``EXPLORER_CREDENTIALS_DIR`` names, else fresh ones in ``directory``."""
+    if os.environ.get(credentials.DIR_ENV):
+        return
+    made = credentials.make_local(directory)
+    print(f"credentials: {made} (a trainer presents {made / credentials.TRAINER_TOKEN}, "
+          f"e.g. {credentials.CLIENT_TOKEN_FILE_ENV}={made / credentials.TRAINER_TOKEN})")  # fmt: skip
+
+
+def pod_credentials() -> None:
+    """In a pod the operator mounts the job's Secret: without it nothing may listen, so refuse to start."""
+    try:
+        credentials.job_token()
+        credentials.trainer_tokens()
+    except credentials.MissingCredentialError as err:
+        raise SystemExit(f"cannot start without the job's credentials: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     status_port = args.status_port or cfg.status_port
     if args.command == "run":
+        local_credentials(Path(cfg.experiences.path) / "credentials")
         return _run(cfg, args.status_host, status_port, sync_coordinator(cfg, False, args.sync_port))
+    pod_credentials()
     sync = sync_coordinator(cfg, True, args.sync_port, args.bind_host)
     # A coordinator pod starts long before its engines have loaded the model: it explores once they answer.
     return _run(cfg, args.status_host, status_port, sync, args.ray_head_port or None, args.node_ip, engines_first=True)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # Imported by every vLLM worker: registers the staged weight-transfer backends and the ext_* worker methods.
 WORKER_EXTENSION = "explorer.weight_sync.engine_ext.WorkerExtension"
+# Loaded by vLLM's API server: the job token on every route but /health (explorer/http_auth.py).
+AUTH_MIDDLEWARE = "explorer.http_auth.EngineAuthMiddleware"
 # Sync method -> the engine's weight-transfer backend (checkpoint reloads need none, but a harmless one keeps the
 # worker's transfer state in one place).
 SYNC_BACKENDS = {"gloo": "gloo", "nccl": "explorer_nccl", "checkpoint": "gloo"}
@@ -59,6 +61,7 @@ def build_vllm_serve_args(args: EngineArgs) -> list[str]:
             argv += [flag, str(value)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    argv += ["--middleware", AUTH_MIDDLEWARE]
     if args.weight_sync is not None:
         backend = json.dumps({"backend": SYNC_BACKENDS[args.weight_sync]}, separators=(",", ":"))
         argv += ["--weight-transfer-config", backend, "--worker-extension-cls", WORKER_EXTENSION]

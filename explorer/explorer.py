@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 
 from explorer import config as explorer_config
+from explorer import credentials, sink, status_api, taskset, workflow_runner
 from explorer import scheduler as scheduler_mod
-from explorer import sink, status_api, taskset, workflow_runner
 from explorer.experience import Experience
 from explorer.experience_stream import ExperienceStream
 from explorer.weight_sync import api, protocol
@@ -337,7 +337,7 @@ async def wait_for_engines(explorer: Explorer, period: float = 2.0) -> None:
     """Until every rollout engine answers ``/health``: a coordinator pod starts in seconds, its engines load models
     for minutes, and tasks sent meanwhile fail and commit steps without experiences. The operator's startup
     deadline bounds the wait; the report says which engines it waits for."""
-    async with httpx.AsyncClient(timeout=2.0) as http:
+    async with httpx.AsyncClient(timeout=2.0, headers=credentials.job_headers()) as http:
         while down := [e.index for e in await probe_engines(explorer.config, http) if not e.healthy]:
             reason = f"engines {', '.join(map(str, down))} to answer /health"
             if explorer.report.waiting_for != reason:
@@ -364,7 +364,7 @@ async def serve_and_explore(
     async def publish() -> None:
         probed: dict[str, Any] = {}
         last_probe = -probe_seconds
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        async with httpx.AsyncClient(timeout=2.0, headers=credentials.job_headers()) as http:
             while True:
                 if asyncio.get_running_loop().time() - last_probe >= probe_seconds:
                     last_probe = asyncio.get_running_loop().time()

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from explorer import engine_load
+from explorer import credentials, engine_load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,9 @@ class OpenAIEngine:
         self.model = model
         self.outstanding = 0
         self.failed_at = -math.inf  # monotonic time of the last transport failure
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=5.0), transport=transport, headers=credentials.job_headers()
+        )
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.outstanding += 1

@@ -1,7 +1,8 @@
 """The coordinator's status API: what the explorer reports about its progress, served over HTTP.
 
 The operator polls ``GET /status`` on the coordinator pod and mirrors it into the ExplorerJob's status; the wire
-format is ``CoordinatorReport``, shared by both sides. ``GET /healthz`` answers the pod's probes.
+format is ``CoordinatorReport``, shared by both sides. ``GET /healthz`` answers the pod's probes unauthenticated;
+``/status`` needs the job token (the operator reads it from the job's Secret) or the trainer token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import Field
 
+from explorer import credentials, http_auth
 from explorer.config import WireModel
 
 ReportPhase = Literal["Starting", "Running", "Succeeded", "Failed"]
@@ -62,10 +64,18 @@ async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner
 class StatusServer:
     """Serves the current ``report`` (replace it to publish progress) on ``host:port``."""
 
-    def __init__(self, host: str, port: int, report: CoordinatorReport | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        report: CoordinatorReport | None = None,
+        accepted: http_auth.Accepted | None = None,
+    ):
+        """``accepted``: the tokens ``/status`` admits (default: the job token and the trainer tokens)."""
         self.host = host
         self.port = port
         self.report = report or CoordinatorReport()
+        self.accepted = accepted or self._job_and_trainer_tokens
         self._runner: web.AppRunner | None = None
 
     async def _status(self, _: web.Request) -> web.Response:
@@ -74,8 +84,14 @@ class StatusServer:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    @staticmethod
+    def _job_and_trainer_tokens() -> list[str]:
+        return [credentials.job_token(), *credentials.trainer_tokens()]
+
     async def start(self) -> None:
-        app = web.Application()
+        guard = http_auth.aiohttp_guard(self.accepted, f"{credentials.JOB_TOKEN} (or {credentials.TRAINER_TOKEN})",
+                                        open_paths={"/healthz"})  # fmt: skip
+        app = web.Application(middlewares=[guard])
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
         self._runner = await serve_app(app, self.host, self.port)

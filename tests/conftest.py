@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +14,20 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from explorer import engine_args, local_engine, tiny_model
+from explorer import credentials, engine_args, local_engine, tiny_model
 from explorer_operator.local import LocalOperator, running_operator
 from kubeplane import cluster as kubeplane_cluster
 from kubeplane import paths
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One set of job credentials for every local process of the run (coordinators, engines, Ray workers and trainer
+    subprocesses inherit it); removed at the end."""
+    if os.environ.get(credentials.DIR_ENV):
+        return
+    made = credentials.make_local(Path(tempfile.mkdtemp(prefix="explorer-test-credentials-")))
+    os.environ[credentials.CLIENT_TOKEN_FILE_ENV] = str(made / credentials.TRAINER_TOKEN)
+    config.add_cleanup(lambda: shutil.rmtree(made, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,8 @@
 A body over ``MAX_BODY_BYTES`` is a 413, a body that is not JSON or not the expected message a 400 naming the field,
 and a refused step its ``SyncError`` (or ``StreamError``) status, each as ``{"error": message}`` (what
 ``TrainerClient`` raises). The calling trainer is named by the ``X-Sync-Trainer`` header (``lease``); without one, by
-its address. Every route, the experience stream's too, answers through ``respond``.
+its address. Every route, the experience stream's too, answers through ``respond``, and only to a caller presenting
+the trainer token (``explorer/credentials.py``): without it, a 401 before any body is read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from explorer import experience_stream
+from explorer import credentials, experience_stream, http_auth
 from explorer import experience_wire as wire
 from explorer.weight_sync import lease, protocol
 
@@ -102,8 +103,9 @@ def add_experience_routes(app: web.Application, source: StreamSource) -> None:
 
 def build_app(sync: rendezvous.SyncCoordinator | None, experiences: StreamSource = lambda: None) -> web.Application:
     """The routes of ``docs/weight-sync.md``: the sync group's over ``sync`` (None: none), the experience stream's
-    over what ``experiences`` returns."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    over what ``experiences`` returns; every one needs the trainer token."""
+    guard = http_auth.aiohttp_guard(credentials.trainer_tokens, credentials.TRAINER_TOKEN)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
     add_experience_routes(app, experiences)
     if sync is not None:
         add_sync_routes(app, sync)

@@ -36,7 +36,7 @@ from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
 
 from explorer import config as explorer_config
-from explorer import experience_stream, status_api
+from explorer import credentials, experience_stream, status_api
 from explorer.weight_sync import api, checkpoint_dir, lease, protocol, versions
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class SyncCoordinator:
         self.bind_host = bind_host
         self.api_port = api_port
         self.store_port_base = store_port_base
-        self.http = httpx.AsyncClient()
+        self.http = httpx.AsyncClient(headers=credentials.job_headers())
         self.engines = [EngineDriver(e, self.http) for e in config.rollout.engines]
         self.group: Group | None = None
         self.version: int | None = None

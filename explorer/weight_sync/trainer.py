@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import torch
 
-from explorer import experience_wire
+from explorer import credentials, experience_wire
 from explorer.experience_wire import ExperienceBatch, Position
 from explorer.weight_sync import lease, protocol
 
@@ -115,13 +115,29 @@ class TrainerClient:
     """Rank 0 of one job's weight-sync group."""
 
     def __init__(
-        self, address: str, *, timeout: float = 300.0, trainer_id: str | None = None, consumer: str = "trainer"
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        timeout: float = 300.0,
+        trainer_id: str | None = None,
+        consumer: str = "trainer",
     ):
+        """``token``: the job's trainer token (default: ``EXPLORER_SYNC_TOKEN`` or the file
+        ``EXPLORER_SYNC_TOKEN_FILE`` names; the job's Secret ``<job>-credentials`` holds it as ``trainer-token``)."""
         base = address if address.startswith("http") else f"http://{address}"
+        token = token or credentials.client_token()
+        if not token:
+            raise credentials.MissingCredentialError(
+                f"no trainer token: pass token=, or set {credentials.CLIENT_TOKEN_ENV} (or "
+                f"{credentials.CLIENT_TOKEN_FILE_ENV}) to key {credentials.TRAINER_TOKEN!r} of the job's Secret "
+                "<job>-credentials"
+            )
         self.trainer_id = trainer_id or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.consumer = consumer
         self.last_batch: ExperienceBatch | None = None
-        self.http = httpx.Client(base_url=base, timeout=timeout, headers={lease.HEADER: self.trainer_id})
+        headers = {lease.HEADER: self.trainer_id, **credentials.bearer(token)}
+        self.http = httpx.Client(base_url=base, timeout=timeout, headers=headers)
         self.info: protocol.GroupInfo | None = None
         self._claimed = False
         self._group: Any = None
@@ -138,7 +154,10 @@ class TrainerClient:
         return data
 
     def state(self) -> protocol.SyncState:
-        return protocol.SyncState.model_validate(self.http.get("/v1/sync").raise_for_status().json())
+        response = self.http.get("/v1/sync")
+        if response.status_code != 200:
+            raise _refusal(response)
+        return protocol.SyncState.model_validate(response.json())
 
     # ---- experiences ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ reconciler compares hashes, so an unchanged world costs no write at all.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from explorer import config as explorer_config
-from explorer import engine_args, termination
+from explorer import credentials, engine_args, termination
 from explorer_operator import models
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -36,6 +37,11 @@ SHM_VOLUME = "dshm"  # the engines' memory-backed /dev/shm
 TMP_VOLUME = "tmp"  # every child's writable /tmp (HOME too): caches of vLLM, torch and Ray land there
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir mount point, private to the pod
 SHM_DIR = "/dev/shm"  # noqa: S108 - likewise
+CREDENTIALS_VOLUME = "credentials"  # the job's Secret, mounted at credentials.MOUNT_DIR
+# A new value here (any string) makes the operator mint a new trainer token; the old one stays valid as
+# trainer-token-previous until the next rotation.
+ROTATE_ANNOTATION = f"{models.GROUP}/rotate-trainer-token"
+ROTATED_FOR_ANNOTATION = f"{models.GROUP}/rotated-for"
 RUN_AS = 1000  # the runtime images' user; set explicitly so images that default to root run unprivileged too
 RAY_PORT = 6379
 GPU = "nvidia.com/gpu"
@@ -212,6 +218,44 @@ def build_claim(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any] | N
     return with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": claim_spec})
 
 
+def credentials_name(job: JobRef) -> str:
+    return f"{job.name}-credentials"
+
+
+def build_credentials(job: JobRef, tokens: dict[str, str], rotated_for: str | None = None) -> dict[str, Any]:
+    """The job's Secret (``explorer/credentials.py``): ``tokens`` by key, made once (never re-applied with new
+    values: the executor creates it, or rotates it under a resourceVersion precondition)."""
+    metadata = _metadata(job, credentials_name(job), "credentials")
+    if rotated_for is not None:
+        metadata["annotations"] = {ROTATED_FOR_ANNOTATION: rotated_for}
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in sorted(tokens.items())}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata, "data": data}
+
+
+def secret_token(secret: dict[str, Any] | None, key: str) -> str | None:
+    """One token of the job's Secret as observed (None: no Secret, or no such key)."""
+    value = ((secret or {}).get("data") or {}).get(key)
+    return base64.b64decode(value).decode() if value else None
+
+
+def _mount_credentials(job: JobRef, pod_spec: dict[str, Any], keys: tuple[str, ...] | None = None) -> None:
+    """The job's Secret (``keys``: only these) at ``credentials.MOUNT_DIR``, readable by the pod's group only."""
+    source: dict[str, Any] = {"secretName": credentials_name(job), "defaultMode": 0o440}
+    if keys is not None:
+        source["items"] = [{"key": k, "path": k} for k in keys]
+    pod_spec["volumes"] = [*pod_spec.get("volumes", []), {"name": CREDENTIALS_VOLUME, "secret": source}]
+    for container in pod_spec["containers"]:
+        mount = {"name": CREDENTIALS_VOLUME, "mountPath": credentials.MOUNT_DIR, "readOnly": True}
+        container["volumeMounts"] = [*container.get("volumeMounts", []), mount]
+        container["env"] = [*container.get("env", []), {"name": credentials.DIR_ENV, "value": credentials.MOUNT_DIR}]
+
+
+def ray_token_env() -> list[dict[str, str]]:
+    """Ray's token auth with the job token (the coordinator sets the same for its head itself)."""
+    return [{"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN_PATH", "value": f"{credentials.MOUNT_DIR}/{credentials.JOB_TOKEN}"}]  # fmt: skip
+
+
 def build_config_map(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, Any]:
     rendered = yaml.safe_dump(build_explorer_config(job, spec).to_wire(), sort_keys=False)
     return with_hash(
@@ -283,7 +327,8 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
         {"name": "EXPLORER_ENGINE_INDEX", "value": str(index)},
         {"name": "EXPLORER_SYNC_ADDRESS", "value": sync_address(job, spec)},
         {"name": "EXPLORER_SYNC_RANK_OFFSET", "value": str(rank_offset)},
-        # The weight-transfer routes exist only in vLLM's dev mode; the NetworkPolicy keeps all but the coordinator out.
+        # The weight-transfer routes exist only in vLLM's dev mode; they need the job token (explorer/http_auth.py),
+        # and the NetworkPolicy keeps all but the job's own pods off the port.
         *({"name": k, "value": v} for k, v in engine_args.engine_env(args).items()),
         *group.pods.env,
     ]
@@ -319,6 +364,7 @@ def build_engine_pod(job: JobRef, spec: models.ExplorerJobSpec, group: EngineGro
     if group.pods.priority_class_name:
         pod_spec["priorityClassName"] = group.pods.priority_class_name
     metadata = _metadata(job, name, "engine", **{GROUP_LABEL: group.name, INDEX_LABEL: str(index)})
+    _mount_credentials(job, pod_spec, keys=(credentials.JOB_TOKEN,))  # checked on every route but /health
     restricted(pod_spec, read_only_root=True)
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 
@@ -358,6 +404,7 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         own_volumes.append({"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
         container["volumeMounts"].append({"name": STORAGE_VOLUME, "mountPath": STORAGE_DIR})
     pod_spec["volumes"] = [*own_volumes, *pod_spec.get("volumes", [])]
+    _mount_credentials(job, pod_spec)
     # Without storage the experience log and resume state default to a path on the root filesystem
     # (/data/experiences), which must then stay writable.
     restricted(pod_spec, read_only_root=claim is not None)
@@ -388,11 +435,13 @@ def build_worker_pod(job: JobRef, spec: models.ExplorerJobSpec, index: int) -> d
         "name": "worker",
         "image": spec.coordinator.image or spec.engines.image,
         "command": ["ray", "start", "--block", f"--address={job.name}-coordinator.{job.namespace}.svc:{RAY_PORT}"],
-        # The coordinator's Ray head runs without token auth; the job's NetworkPolicy keeps others off its port.
-        "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
+        # The coordinator's Ray head requires the job token.
+        "env": ray_token_env(),
         "resources": spec.coordinator.resources,
     }
-    pod_spec = restricted(_cpu_pod_spec(spec, container), read_only_root=True)
+    pod_spec = _cpu_pod_spec(spec, container)
+    _mount_credentials(job, pod_spec, keys=(credentials.JOB_TOKEN,))
+    restricted(pod_spec, read_only_root=True)
     metadata = _metadata(job, f"{job.name}-worker-{index}", "worker", **{INDEX_LABEL: str(index)})
     return with_hash({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec})
 

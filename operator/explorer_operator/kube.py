@@ -32,6 +32,7 @@ CORE_KINDS = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Secret": ("/api/v1", "secrets"),
 }
 
 
@@ -90,6 +91,16 @@ class Kube:
         path = self.core_path(obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"])
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
         return self.request("PATCH", path, query, body=obj, content_type=APPLY)
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        """Create ``obj``; False when its name is taken already (409), which the caller reads to see by whom."""
+        try:
+            self.request("POST", self.core_path(obj["metadata"]["namespace"], obj["kind"]), body=obj)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
 
     def delete(self, namespace: str, kind: str, name: str, uid: str) -> None:
         """Delete the object only if it still is the one with ``uid``: gone (404) or replaced (409, the precondition

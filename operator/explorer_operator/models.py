@@ -247,6 +247,10 @@ class LastSync(WireModel):
 
 class SyncStatus(WireModel):
     address: str = Field(description="host:port of the weight-sync rendezvous (the headless sync Service).")
+    credentials_secret: str | None = Field(
+        default=None,
+        description="The job's Secret; a trainer presents its key trainer-token as a bearer token on the sync API.",
+    )
 
 
 class PendingRestart(WireModel):

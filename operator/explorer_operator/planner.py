@@ -13,7 +13,7 @@ import datetime
 from collections.abc import Sequence
 from typing import Any
 
-from explorer import termination
+from explorer import credentials, termination
 from explorer_operator import builders, conditions, models
 from explorer_operator.world import (
     CONFLICT,
@@ -83,6 +83,8 @@ def plan(
     status.engines.selector = builders.engine_selector(job)
 
     _plan_static_children(job, spec, observed, result)
+    _plan_credentials(job, observed, result)
+    status.sync.credentials_secret = builders.credentials_name(job)
     desired_pods = builders.build_desired_pods(job, spec)
     coordinator_name = f"{job.name}-coordinator"
 
@@ -118,6 +120,31 @@ def _plan_static_children(job: builders.JobRef, spec: models.ExplorerJobSpec, ob
             continue
         if _hash(existing) != _hash(child):
             result.applies.append(child)
+
+
+def _plan_credentials(job: builders.JobRef, observed: Observed, result: Plan) -> None:
+    """The job's Secret: made once with the executor's fresh tokens; its trainer token rotated when the job's
+    rotate annotation names a value the Secret was not rotated for (the old token stays valid as the previous one).
+    A rotation carries the observed resourceVersion, so a stale view can never rotate twice."""
+    name = builders.credentials_name(job)
+    existing = observed.secrets.get(name)
+    if existing is None:
+        if not _conflict("Secret", name, observed, result):
+            result.applies.append(builders.build_credentials(job, observed.minted, observed.rotation))
+        return
+    rotated_for = (existing["metadata"].get("annotations") or {}).get(builders.ROTATED_FOR_ANNOTATION)
+    if observed.rotation is None or observed.rotation == rotated_for:
+        return
+    job_token = builders.secret_token(existing, credentials.JOB_TOKEN) or observed.minted[credentials.JOB_TOKEN]
+    tokens = {credentials.JOB_TOKEN: job_token, credentials.TRAINER_TOKEN: observed.minted[credentials.TRAINER_TOKEN]}
+    previous = builders.secret_token(existing, credentials.TRAINER_TOKEN)
+    if previous:
+        tokens[credentials.PREVIOUS_TRAINER_TOKEN] = previous
+    secret = builders.build_credentials(job, tokens, observed.rotation)
+    secret["metadata"]["resourceVersion"] = existing["metadata"].get("resourceVersion")
+    result.applies.append(secret)
+    result.events.append(Event("Normal", "TrainerTokenRotated", f"Secret {name}: new trainer-token; the previous one "
+                               "is accepted until the next rotation"))  # fmt: skip
 
 
 def _conflict(kind: str, name: str, observed: Observed, result: Plan) -> bool:

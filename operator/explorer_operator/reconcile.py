@@ -20,7 +20,7 @@ import httpx
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from explorer import status_api
+from explorer import credentials, status_api
 from explorer_operator import builders, conditions, indexes, kube, metrics, models, planner, validation, world
 from explorer_operator.world import (
     CONFLICT,
@@ -144,7 +144,7 @@ class Reconciler:
             previous.phase = "Pending"  # the spec was fixed: start over
             previous.conditions = [c for c in previous.conditions if c.type != "Failed"]
 
-        observed = await self._observe(ref, spec)
+        observed = await self._observe(ref, spec, (meta.get("annotations") or {}).get(builders.ROTATE_ANNOTATION))
         now = _now()
         generation = meta.get("generation", 0)
         result = planner.plan(ref, generation, spec, previous, observed, now)
@@ -190,6 +190,8 @@ class Reconciler:
         index already shows as ours needs no look; a new name is read first, since an unlabelled holder of it is
         invisible to the index."""
         kind, name = obj["kind"], obj["metadata"]["name"]
+        if kind == "Secret":
+            return await self._write_secret(ref, obj)
         if name not in observed.children(kind):
             existing = await asyncio.to_thread(self.api.get_core, ref.namespace, kind, name)
             if existing is not None and not is_ours(kind, existing, ref.uid):
@@ -197,11 +199,26 @@ class Reconciler:
         await asyncio.to_thread(self.api.apply, obj)
         return None
 
-    async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec) -> Observed:
+    async def _write_secret(self, ref: builders.JobRef, obj: dict[str, Any]) -> ChildFailure | None:
+        """The job's Secret is created, never applied over: a view that has not seen it yet must not replace its
+        tokens. A rotation (it carries the resourceVersion it read) is an apply the server refuses if stale."""
+        if obj["metadata"].get("resourceVersion"):
+            await asyncio.to_thread(self.api.apply, obj)
+            return None
+        if await asyncio.to_thread(self.api.create, obj):
+            return None
+        existing = await asyncio.to_thread(self.api.get_core, ref.namespace, "Secret", obj["metadata"]["name"])
+        if existing is not None and not is_ours("Secret", existing, ref.uid):
+            return ChildFailure("Secret", obj["metadata"]["name"], CONFLICT, not_owned_message(existing))
+        return None  # ours already: the index has not caught up
+
+    async def _observe(self, ref: builders.JobRef, spec: models.ExplorerJobSpec, rotation: str | None) -> Observed:
         observed = world.observe(ref.uid, self.view.children(ref.namespace, ref.name))
         observed = await self._existing_claim(ref, spec, observed)
-        report = await self._poll_coordinator(observed.pods.get(f"{ref.name}-coordinator"), spec.coordinator.api_port)
-        return dataclasses.replace(observed, report=report)
+        token = builders.secret_token(observed.secrets.get(builders.credentials_name(ref)), credentials.JOB_TOKEN)
+        pod = observed.pods.get(f"{ref.name}-coordinator")
+        report = await self._poll_coordinator(pod, spec.coordinator.api_port, token)
+        return dataclasses.replace(observed, report=report, rotation=rotation)
 
     async def _existing_claim(self, ref: builders.JobRef, spec: models.ExplorerJobSpec, observed: Observed) -> Observed:
         """The user's claim (``storage.existingClaim``) carries no label of ours, so the index cannot see it: read it
@@ -213,15 +230,18 @@ class Reconciler:
         claim = await asyncio.to_thread(self.api.get_core, ref.namespace, "PersistentVolumeClaim", name)
         return dataclasses.replace(observed, claims={**observed.claims, **({name: claim} if claim else {})})
 
-    async def _poll_coordinator(self, pod: dict[str, Any] | None, port: int) -> status_api.CoordinatorReport | None:
+    async def _poll_coordinator(
+        self, pod: dict[str, Any] | None, port: int, token: str | None
+    ) -> status_api.CoordinatorReport | None:
+        """The running coordinator's report (asked with the job token from its Secret), or an ended one's."""
         status = (pod or {}).get("status") or {}
         ip = status.get("podIP")
         if status.get("phase") in ("Succeeded", "Failed"):
             return final_report(status)
-        if status.get("phase") != "Running" or not ip:
+        if status.get("phase") != "Running" or not ip or token is None:
             return None
         try:
-            response = await self.http.get(f"http://{ip}:{port}/status")
+            response = await self.http.get(f"http://{ip}:{port}/status", headers=credentials.bearer(token))
             response.raise_for_status()
             return status_api.CoordinatorReport.model_validate(response.json())
         except (httpx.HTTPError, ValueError, ValidationError) as err:

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from explorer import status_api, termination
+from explorer import credentials, status_api, termination
 from explorer_operator import builders
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -52,6 +52,10 @@ def not_owned_message(obj: dict[str, Any]) -> str:
     return f"exists and is not owned by this job ({holder})"
 
 
+def mint_tokens() -> dict[str, str]:
+    return {credentials.JOB_TOKEN: credentials.mint(), credentials.TRAINER_TOKEN: credentials.mint()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Observed:
     """What the executor saw: the job's own children by name, and the coordinator's report if it answered.
@@ -66,12 +70,18 @@ class Observed:
     report: status_api.CoordinatorReport | None = None
     network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     claims: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    secrets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Fresh tokens the executor drew for this pass: the planner puts them in the job's Secret only when it makes
+    # or rotates it (randomness stays out of the planner).
+    minted: dict[str, str] = dataclasses.field(default_factory=mint_tokens)
+    rotation: str | None = None  # the job's rotate-trainer-token annotation
     foreign: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def children(self, kind: str) -> dict[str, dict[str, Any]]:
         """Observed children of one kind, by name."""
         return {"Pod": self.pods, "ConfigMap": self.config_maps, "Service": self.services,
-                "NetworkPolicy": self.network_policies, "PersistentVolumeClaim": self.claims}[kind]  # fmt: skip
+                "NetworkPolicy": self.network_policies, "PersistentVolumeClaim": self.claims,
+                "Secret": self.secrets}[kind]  # fmt: skip
 
 
 def observe(uid: str, listed: dict[str, dict[str, dict[str, Any]]]) -> Observed:
@@ -80,7 +90,8 @@ def observe(uid: str, listed: dict[str, dict[str, dict[str, Any]]]) -> Observed:
     foreign = {(kind, n): o for kind, objs in listed.items() for n, o in objs.items() if n not in own[kind]}
     return Observed(
         pods=own.get("Pod", {}), services=own.get("Service", {}), config_maps=own.get("ConfigMap", {}),
-        network_policies=own.get("NetworkPolicy", {}), claims=own.get("PersistentVolumeClaim", {}), foreign=foreign,
+        network_policies=own.get("NetworkPolicy", {}), claims=own.get("PersistentVolumeClaim", {}),
+        secrets=own.get("Secret", {}), foreign=foreign,
     )  # fmt: skip
 
 

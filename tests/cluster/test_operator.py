@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import threading
@@ -363,8 +364,8 @@ def coordinator_report() -> Iterator[tuple[status_api.StatusServer, list[str]]]:
     holder: list[status_api.StatusServer] = []
     port = free_port()
 
-    def start(ip: str) -> status_api.StatusServer:
-        server = status_api.StatusServer(ip, port)
+    def start(ip: str, job_token: str) -> status_api.StatusServer:
+        server = status_api.StatusServer(ip, port, accepted=lambda: [job_token])
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
         holder.append(server)
         return server
@@ -385,7 +386,11 @@ def test_status_mirrors_the_coordinator_report_and_ready_waits_for_sync(jobs: Jo
     )
     jobs.wait_phase("mirror", "Running")
     pod_ip = jobs.pods("mirror")["mirror-coordinator"].status.pod_ip
-    server = start(pod_ip)  # a real explorer status API on the coordinator pod's (loopback) IP
+    secret = jobs.core.read_namespaced_secret("mirror-credentials", jobs.ns)
+    job_token = base64.b64decode(secret.data["job-token"]).decode()
+    # A real explorer status API on the coordinator pod's (loopback) IP, admitting only the job's own token: the
+    # operator must present the one from the job's Secret.
+    server = start(pod_ip, job_token)
     server.report = status_api.CoordinatorReport(
         phase="Running",
         step=3,

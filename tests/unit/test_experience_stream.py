@@ -19,6 +19,7 @@ from explorer.experience_stream import ExperienceStream, StreamError
 from explorer.status_api import serve_app
 from explorer.weight_sync import api
 from explorer.weight_sync.trainer import ExperiencesExhaustedError, ExperienceTimeoutError, TrainerClient
+from tests.auth import trainer_headers
 from tests.conftest import free_port
 
 
@@ -320,16 +321,21 @@ def test_the_routes_answer_arrow_batches_and_json_errors_to_the_real_client(tmp_
             await asyncio.to_thread(client.ack, at(4))
             with pytest.raises(ExperiencesExhaustedError):
                 await asyncio.to_thread(client.experiences, 1)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=trainer_headers()) as http:
                 bad = await http.post("/v1/experiences/read", content=b"{nope")
                 assert bad.status_code == 400 and bad.json()["error"].startswith("invalid request body")
                 assert (await http.get("/v1/sync")).status_code == 404  # no sync coordinator here
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as anonymous:
+                for token in (None, "wrong"):
+                    headers = {"Authorization": f"Bearer {token}"} if token else {}
+                    refused = await anonymous.post("/v1/experiences/read", json={"consumer": "thief"}, headers=headers)
+                    assert refused.status_code == 401 and "trainer-token" in refused.json()["error"]
         finally:
             await asyncio.to_thread(client.close)
             await runner.cleanup()
         runner = await serve_app(api.build_app(None), "127.0.0.1", port)
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=trainer_headers()) as http:
                 none = await http.get("/v1/experiences")
                 assert none.status_code == 503 and "no experiences to serve" in none.json()["error"]
         finally:

@@ -46,6 +46,9 @@ def listed(job: builders.JobRef, s: models.ExplorerJobSpec) -> dict[str, dict[st
         out["Pod"][name] = running(pod)
     for child in builders.build_static_children(job, s):
         out[child["kind"]][child["metadata"]["name"]] = child
+    out["Secret"][builders.credentials_name(job)] = builders.build_credentials(
+        job, {"job-token": "j", "trainer-token": "t"}
+    )
     return out
 
 
@@ -195,6 +198,12 @@ class FakeKube:
         self.applied.append(name)
         self.objects[(obj["kind"], name)] = obj
 
+    def create(self, obj: dict[str, Any]) -> bool:
+        if (obj["kind"], obj["metadata"]["name"]) in self.objects:
+            return False
+        self.apply(obj)
+        return True
+
     def delete(self, namespace: str, kind: str, name: str, uid: str) -> None:
         self.deleted.append((kind, name, uid))
 
@@ -255,6 +264,23 @@ def test_an_unowned_object_holding_a_childs_name_is_reported_not_overwritten() -
     assert degraded["reason"] == CONFLICT and "ConfigMap rl-config not written" in degraded["message"]
     assert "no controller" in degraded["message"]
     assert [e[1] for e in api.events] == [CONFLICT]
+
+
+def test_the_jobs_tokens_are_never_replaced_and_a_foreign_secret_is_never_adopted() -> None:
+    ours = builders.build_credentials(JOB, {"job-token": "kept", "trainer-token": "kept-too"})
+    ours["metadata"]["labels"] = {}  # the index has not seen it yet: only a GET shows it
+    api = fake_cluster({}, **{"rl-credentials": ours})
+    reconcile_once(api)
+    assert "rl-credentials" not in api.applied
+    assert builders.secret_token(api.objects[("Secret", "rl-credentials")], "job-token") == "kept"
+
+    theirs = {"apiVersion": "v1", "kind": "Secret", "data": {"password": "aHVudGVyMg=="},
+              "metadata": {"name": "rl-credentials", "namespace": "team"}}  # fmt: skip
+    api = fake_cluster({}, **{"rl-credentials": theirs})
+    reconcile_once(api)
+    assert api.objects[("Secret", "rl-credentials")] is theirs
+    degraded = next(c for c in api.statuses[-1]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == CONFLICT and "Secret rl-credentials not written" in degraded["message"]
 
 
 def test_deletes_name_the_uid_they_mean() -> None:

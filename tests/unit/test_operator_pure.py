@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 from typing import Any
 
+from explorer import credentials
 from explorer_operator import builders, models, planner, validation
 from explorer_operator.world import Observed
 
@@ -40,6 +42,7 @@ def world(s: models.ExplorerJobSpec, **pod_overrides: dict[str, Any]) -> Observe
         services={c["metadata"]["name"]: c for c in children if c["kind"] == "Service"},
         config_maps={c["metadata"]["name"]: c for c in children if c["kind"] == "ConfigMap"},
         network_policies={c["metadata"]["name"]: c for c in children if c["kind"] == "NetworkPolicy"},
+        secrets={f"{JOB.name}-credentials": builders.build_credentials(JOB, {"job-token": "j", "trainer-token": "t"})},
     )
 
 
@@ -82,7 +85,7 @@ def test_fresh_job_plan_creates_everything_and_an_unchanged_world_plans_nothing(
     empty = Observed(pods={}, services={}, config_maps={})
     first = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), empty, NOW)
     kinds = sorted(o["kind"] for o in first.applies)
-    assert kinds == ["ConfigMap"] + ["NetworkPolicy"] * 3 + ["Pod"] * 4 + ["Service"] * 3
+    assert kinds == ["ConfigMap"] + ["NetworkPolicy"] * 3 + ["Pod"] * 4 + ["Secret"] + ["Service"] * 3
     status = models.ExplorerJobStatus.model_validate(first.status)
     settled = planner.plan(JOB, 1, s, status, world(s), NOW)
     assert settled.applies == [] and settled.deletes == []
@@ -192,6 +195,48 @@ def test_network_policies_admit_own_pods_trainers_on_transfer_ports_and_never_th
     assert covered == [(1, s.engines.port - 1), (s.engines.port + 1, 65535)]  # everything but the vLLM HTTP port
 
 
+def test_every_pod_finds_the_job_credentials_and_only_the_coordinator_holds_the_trainer_token() -> None:
+    s = spec(coordinator={"cpuWorkers": 1})
+    pods = builders.build_desired_pods(JOB, s)
+    for name, pod in pods.items():
+        container = pod["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[credentials.DIR_ENV] == credentials.MOUNT_DIR, name
+        secret = next(v["secret"] for v in pod["spec"]["volumes"] if v["name"] == builders.CREDENTIALS_VOLUME)
+        keys = [i["key"] for i in secret["items"]] if "items" in secret else "all"
+        assert keys == ("all" if name == "rl-coordinator" else ["job-token"]), name
+    worker_env = {e["name"]: e.get("value") for e in pods["rl-worker-0"]["spec"]["containers"][0]["env"]}
+    assert worker_env["RAY_AUTH_MODE"] == "token"
+    assert worker_env["RAY_AUTH_TOKEN_PATH"] == f"{credentials.MOUNT_DIR}/job-token"
+    engine_args = pods["rl-engine-0"]["spec"]["containers"][0]["args"]
+    assert engine_args[engine_args.index("--middleware") + 1] == "explorer.http_auth.EngineAuthMiddleware"
+
+
+def test_the_credentials_secret_is_made_once_and_rotated_only_on_a_new_request() -> None:
+    s = spec()
+    minted = {"job-token": "job-1", "trainer-token": "trainer-1"}
+    first = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), Observed(pods={}, services={}, config_maps={},
+                                                                           minted=minted), NOW)  # fmt: skip
+    made = next(o for o in first.applies if o["kind"] == "Secret")
+    assert builders.secret_token(made, "job-token") == "job-1" and "resourceVersion" not in made["metadata"]
+    assert made["metadata"]["ownerReferences"][0]["uid"] == JOB.uid
+    assert first.status["sync"]["credentialsSecret"] == "rl-credentials"
+    made["metadata"]["resourceVersion"] = "7"
+    settled = dataclasses.replace(world(s), secrets={"rl-credentials": made},
+                                  minted={"job-token": "job-2", "trainer-token": "trainer-2"})  # fmt: skip
+    assert not [o for o in planner.plan(JOB, 1, s, models.ExplorerJobStatus(), settled, NOW).applies
+                if o["kind"] == "Secret"]  # fmt: skip
+    rotate = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), dataclasses.replace(settled, rotation="r1"), NOW)
+    rotated = next(o for o in rotate.applies if o["kind"] == "Secret")
+    assert rotated["metadata"]["resourceVersion"] == "7"  # a stale view is refused by the server, never rotates twice
+    tokens = {k: builders.secret_token(rotated, k) for k in ("job-token", "trainer-token", "trainer-token-previous")}
+    assert tokens == {"job-token": "job-1", "trainer-token": "trainer-2", "trainer-token-previous": "trainer-1"}
+    assert [e.reason for e in rotate.events] == ["TrainerTokenRotated"]
+    done = dataclasses.replace(settled, secrets={"rl-credentials": rotated}, rotation="r1")
+    assert not [o for o in planner.plan(JOB, 1, s, models.ExplorerJobStatus(), done, NOW).applies
+                if o["kind"] == "Secret"]  # fmt: skip
+
+
 def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config() -> None:
     """A taskset on a user PVC must be readable by the coordinator and by workflows on the CPU workers (issue #12)."""
     data = {"name": "data", "persistentVolumeClaim": {"claimName": "tasksets", "readOnly": True}}
@@ -200,17 +245,25 @@ def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config()
     pods = builders.build_desired_pods(JOB, s)
     coordinator = pods["rl-coordinator"]["spec"]
     tmp = {"name": builders.TMP_VOLUME, "mountPath": builders.TMP_DIR}
-    assert [v["name"] for v in coordinator["volumes"]] == ["config", "data", builders.TMP_VOLUME]
+    creds = builders.CREDENTIALS_VOLUME
+    creds_mount = {"name": creds, "mountPath": credentials.MOUNT_DIR, "readOnly": True}
+    assert [v["name"] for v in coordinator["volumes"]] == ["config", "data", creds, builders.TMP_VOLUME]
     assert [m["mountPath"] for m in coordinator["containers"][0]["volumeMounts"]] == [
         "/etc/explorer",
         "/data",
+        credentials.MOUNT_DIR,
         builders.TMP_DIR,
     ]
     worker = pods["rl-worker-0"]["spec"]
-    assert worker["volumes"] == [data, {"name": builders.TMP_VOLUME, "emptyDir": {}}]
-    assert worker["containers"][0]["volumeMounts"] == [mount, tmp]
-    # engines keep their own spec.engines.volumes (none here), their /dev/shm and /tmp
-    assert [v["name"] for v in pods["rl-engine-0"]["spec"]["volumes"]] == [builders.SHM_VOLUME, builders.TMP_VOLUME]
+    job_token_only = {"secretName": "rl-credentials", "defaultMode": 0o440,
+                      "items": [{"key": "job-token", "path": "job-token"}]}  # fmt: skip
+    assert worker["volumes"] == [data, {"name": creds, "secret": job_token_only},
+                                 {"name": builders.TMP_VOLUME, "emptyDir": {}}]  # fmt: skip
+    assert worker["containers"][0]["volumeMounts"] == [mount, creds_mount, tmp]
+    # engines keep their own spec.engines.volumes (none here), their /dev/shm, the job token and /tmp
+    engine = pods["rl-engine-0"]["spec"]
+    assert [v["name"] for v in engine["volumes"]] == [builders.SHM_VOLUME, creds, builders.TMP_VOLUME]
+    assert engine["volumes"][1]["secret"] == job_token_only
     assert validation.spec_problems(s) == []
 
     clash = spec(coordinator={"volumes": [{"name": "config", "emptyDir": {}}],

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from explorer import config as explorer_config
+from explorer import credentials
 from explorer.weight_sync import api, lease, protocol, rendezvous, versions
 from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
+from tests.auth import trainer_headers
 from tests.conftest import free_port
 
 WEIGHTS = {"w": ("float32", [4, 4]), "ids": ("int64", [3])}
@@ -121,7 +123,7 @@ def test_bad_json_and_wrong_messages_are_400s_with_a_message(tmp_path: Path) -> 
     sync = coordinator(tmp_path)
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=url(sync)) as http:
+        async with httpx.AsyncClient(base_url=url(sync), headers=trainer_headers()) as http:
             for path in ("/v1/sync/group", "/v1/sync/push", "/v1/sync/checkpoint"):
                 response = await http.post(path, content=b"{not json")
                 assert response.status_code == 400, (path, response.text)
@@ -136,12 +138,67 @@ def test_bad_json_and_wrong_messages_are_400s_with_a_message(tmp_path: Path) -> 
     serve(sync, scenario=scenario)
 
 
+def test_every_trainer_route_refuses_a_missing_or_wrong_token_before_it_acts(tmp_path: Path) -> None:
+    sync = coordinator(tmp_path)
+    routes = [("GET", "/v1/sync"), ("POST", "/v1/sync/group"), ("POST", "/v1/sync/group/x/joined"),
+              ("POST", "/v1/sync/leave"), ("POST", "/v1/sync/push"), ("POST", "/v1/sync/push/1/result"),
+              ("POST", "/v1/sync/checkpoint"), ("GET", "/v1/experiences"), ("POST", "/v1/experiences/read"),
+              ("POST", "/v1/experiences/ack")]  # fmt: skip
+    # The job token belongs to the job's own pods: it is not a trainer's.
+    presented = {"none": {}, "wrong": {"Authorization": "Bearer wrong"}, "basic": {"Authorization": "Basic eDp5"},
+                 "job token": credentials.job_headers()}  # fmt: skip
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync)) as http:
+            for who, headers in presented.items():
+                for method, path in routes:
+                    body = {"tensors": metas()} if method == "POST" else None
+                    response = await http.request(method, path, json=body, headers=headers)
+                    assert response.status_code == 401, (who, path, response.text)
+                    assert "trainer-token" in response.json()["error"]
+            assert sync.group is None and sync.version is None  # nothing a refused call sent took effect
+            accepted = await http.post("/v1/sync/group", json={"tensors": metas()}, headers=trainer_headers())
+            assert accepted.status_code == 200, accepted.text
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_rotated_out_token_is_accepted_until_the_next_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "credentials"
+    home.mkdir()
+    for key, value in {"job-token": "j", "trainer-token": "new", "trainer-token-previous": "old"}.items():
+        (home / key).write_text(value)
+    monkeypatch.setenv(credentials.DIR_ENV, str(home))
+    sync = coordinator(tmp_path)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync)) as http:
+            for token, status in (("new", 200), ("old", 200), ("older", 401)):
+                response = await http.get("/v1/sync", headers=credentials.bearer(token))
+                assert response.status_code == status, (token, response.text)
+            (home / "trainer-token-previous").write_text("new")
+            (home / "trainer-token").write_text("newest")  # the next rotation: "old" is out, read at once
+            assert (await http.get("/v1/sync", headers=credentials.bearer("old"))).status_code == 401
+            assert (await http.get("/v1/sync", headers=credentials.bearer("newest"))).status_code == 200
+
+    serve(sync, scenario=scenario)
+
+
+def test_a_trainer_without_a_token_is_told_where_to_find_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(credentials.CLIENT_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(credentials.CLIENT_TOKEN_FILE_ENV, raising=False)
+    with pytest.raises(credentials.MissingCredentialError, match=r"EXPLORER_SYNC_TOKEN.*trainer-token"):
+        TrainerClient("127.0.0.1:1")
+
+
 def test_a_body_over_the_limit_is_a_413_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "MAX_BODY_BYTES", 1 << 20)
     sync = coordinator(tmp_path)
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=url(sync)) as http:
+        async with httpx.AsyncClient(base_url=url(sync), headers=trainer_headers()) as http:
             response = await http.post("/v1/sync/group", content=b" " * ((1 << 20) + 1024))
             assert response.status_code == 413
             assert response.json()["error"] == "request body over the 1 MiB limit"
@@ -179,7 +236,7 @@ def test_a_broadcast_and_a_checkpoint_coordinator_of_one_job_never_share_a_versi
     engines = [FakeEngine(0), FakeEngine(1)]
     by_broadcast = coordinator(tmp_path, "gloo", engines)
     by_checkpoint = coordinator(tmp_path, "checkpoint", engines)
-    headers = {lease.HEADER: "trainer-a"}
+    headers = {lease.HEADER: "trainer-a", **trainer_headers()}
 
     async def broadcast_push(http: httpx.AsyncClient) -> int:
         group = (await http.post("/v1/sync/group", json={"tensors": metas()}, headers=headers)).json()
@@ -192,7 +249,7 @@ def test_a_broadcast_and_a_checkpoint_coordinator_of_one_job_never_share_a_versi
         return version
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=url(by_broadcast)) as http:
+        async with httpx.AsyncClient(base_url=url(by_broadcast), headers=trainer_headers()) as http:
             assert await broadcast_push(http) == 1
             async with trainer_client(by_checkpoint, "trainer-b") as trainer:
                 assert (await asyncio.to_thread(trainer.push, STATE)).version == 2
@@ -237,7 +294,7 @@ def test_a_silent_trainers_lease_lapses_and_it_is_then_refused_naming_the_new_ho
 
 def test_metadata_in_another_dtype_than_the_served_one_is_refused_naming_the_tensor(tmp_path: Path) -> None:
     sync = coordinator(tmp_path, "gloo")
-    headers = {lease.HEADER: "trainer-a"}
+    headers = {lease.HEADER: "trainer-a", **trainer_headers()}
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=url(sync), headers=headers) as http:
@@ -269,7 +326,7 @@ def test_checkpoint_directories_outside_the_checkpoint_path_are_refused(tmp_path
     (outside / "model.safetensors").write_bytes(b"x")
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "escape").symlink_to(outside)
-    headers = {lease.HEADER: "trainer-a"}
+    headers = {lease.HEADER: "trainer-a", **trainer_headers()}
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=url(sync), headers=headers) as http:
@@ -293,7 +350,7 @@ def test_a_job_without_a_checkpoint_path_takes_no_checkpoint_pushes(tmp_path: Pa
     sync.config.sync.checkpoint_path = None
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=url(sync)) as http:
+        async with httpx.AsyncClient(base_url=url(sync), headers=trainer_headers()) as http:
             incarnation = (await http.post("/v1/sync/group", json={"tensors": metas()})).json()["incarnation"]
             assert (await http.post(f"/v1/sync/group/{incarnation}/joined")).status_code == 200
             body = {"incarnation": incarnation, "checkpointDir": str(tmp_path)}
