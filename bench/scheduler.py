@@ -8,6 +8,9 @@
    same requests sent straight to the engines with the same concurrency (the overhead of our layer). Requests per
    engine are counted from each engine's own ``/metrics`` for every run; the benchmark exits non-zero when an engine
    got less than half its fair share (issue #13: every request went to engine 0 and the totals did not show it).
+   Engines require the job token as in a pod (``explorer.http_auth``), so these figures include its cost.
+3. The engines' authentication alone: the ASGI middleware vLLM loads in front of every route, timed per request
+   around a no-op app, beside the same app without it (the baseline); a wrong token is timed too (the refusal path).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from explorer import config, engine_args, engine_metrics, inference, local_engine, scheduler, tiny_model
+from explorer import config, credentials, engine_args, engine_metrics, inference, local_engine, scheduler, tiny_model
 from explorer.experience import Experience
 from explorer.workflow_runner import Status, WorkflowRunner
 from explorer.workflows import Task
@@ -228,6 +231,37 @@ def with_engines(n_tasks: int, repeat: int, runners_per_engine: int) -> None:
     split.check()
 
 
+def auth_overhead(calls: int = 20000) -> None:
+    from explorer import http_auth
+
+    async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def sink(_: dict[str, Any]) -> None:
+        return None
+
+    def scope(token: str) -> dict[str, Any]:
+        return {"type": "http", "path": "/v1/completions", "method": "POST",
+                "headers": [(b"authorization", f"Bearer {token}".encode())]}  # fmt: skip
+
+    async def timed(app: Any, token: str) -> float:
+        request = scope(token)
+        started = time.perf_counter()
+        for _ in range(calls):
+            await app(request, None, sink)
+        return (time.perf_counter() - started) / calls * 1e6
+
+    guarded = http_auth.EngineAuthMiddleware(bare)
+    token = credentials.job_token()
+    base, checked, refused = (asyncio.run(timed(app, t)) for app, t in
+                              ((bare, token), (guarded, token), (guarded, "wrong")))  # fmt: skip
+    print(
+        f"engine auth check ({calls} calls): bare app {base:.2f} us/request, with the job-token check "
+        f"{checked:.2f} us (+{checked - base:.2f} us), refusing a wrong token {refused:.2f} us"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=64)
@@ -236,6 +270,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--engines", action="store_true", help="also measure against two real CPU vLLM engines")
     args = parser.parse_args()
+    # Engine clients present the job token and the engines require it, as in a pod.
+    credentials.ensure_local(Path(tempfile.mkdtemp(prefix="bench-credentials-")))
+    auth_overhead()
     orchestration(args.tasks, args.repeat, args.runners, args.batches)
     if args.engines:
         with_engines(args.tasks, args.repeat, 4)

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from explorer import config, engine_args, local_engine, tiny_model
+from explorer import config, credentials, engine_args, local_engine, tiny_model
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.weight_sync.trainer import TrainerClient
 from kubeplane import paths
@@ -115,6 +115,13 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
+def authenticated_workdir() -> Path:
+    """A scratch directory holding this run's credentials: engines, coordinator and trainer authenticate as in a pod."""
+    work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    credentials.ensure_local(work / "credentials")
+    return work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pushes", type=int, default=3)
@@ -139,7 +146,7 @@ def main() -> None:
     raw_gloo = raw_gloo_seconds(nbytes, args.bucket_mib << 20)
     print(f"bare gloo broadcast to 2     : {raw_gloo:6.2f} s  {nbytes / raw_gloo / GIB:5.2f} GiB/s")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    work = authenticated_workdir()
     engines = [
         local_engine.LocalEngine(
             engine_args.EngineArgs(model=str(model_dir), served_model_name="bench", port=local_engine.free_port(),

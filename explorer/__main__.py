@@ -172,9 +172,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def local_credentials(directory: Path) -> None:
     """A local run's tokens: the ones ``EXPLORER_CREDENTIALS_DIR`` names, else fresh ones in ``directory``."""
-    if os.environ.get(credentials.DIR_ENV):
+    made = credentials.ensure_local(directory)
+    if made is None:
         return
-    made = credentials.make_local(directory)
     print(f"credentials: {made} (a trainer presents {made / credentials.TRAINER_TOKEN}, "
           f"e.g. {credentials.CLIENT_TOKEN_FILE_ENV}={made / credentials.TRAINER_TOKEN})")  # fmt: skip
 

@@ -117,7 +117,8 @@ def matches(authorization: str | None, accepted: Iterable[str]) -> bool:
 
 def make_local(target: Path) -> Path:
     """Fresh tokens for a local run (no operator) in ``target``, readable by this user only; points this process
-    and its children (engines, Ray workers) at them. Returns the directory."""
+    and its children (engines, Ray workers, and a trainer unless one is named already) at them. Returns the
+    directory."""
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in (JOB_TOKEN, TRAINER_TOKEN):
         path = target / name
@@ -125,4 +126,12 @@ def make_local(target: Path) -> Path:
             path.touch(mode=0o600)
             path.write_text(mint())
     os.environ[DIR_ENV] = str(target)
+    if not (os.environ.get(CLIENT_TOKEN_ENV) or os.environ.get(CLIENT_TOKEN_FILE_ENV)):
+        os.environ[CLIENT_TOKEN_FILE_ENV] = str(target / TRAINER_TOKEN)
     return target
+
+
+def ensure_local(target: Path) -> Path | None:
+    """``make_local(target)`` unless ``EXPLORER_CREDENTIALS_DIR`` names credentials already; the directory made, or
+    None."""
+    return None if os.environ.get(DIR_ENV) else make_local(target)

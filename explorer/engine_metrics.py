@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import httpx
 
+from explorer import credentials
+
 # vLLM's counter of finished requests (one sample per finish reason); the exposition adds the ``_total`` suffix.
 REQUESTS_METRIC = "vllm:request_success_total"
 
@@ -25,7 +27,7 @@ def compute_requests_served(exposition: str, metric: str = REQUESTS_METRIC) -> f
 
 def fetch_requests_served(base_url: str, timeout: float = 10.0) -> float:
     """Requests the engine at ``base_url`` has finished since it started."""
-    response = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout)
+    response = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=timeout, headers=credentials.job_headers())
     response.raise_for_status()
     return compute_requests_served(response.text)
 

@@ -26,7 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get(credentials.DIR_ENV):
         return
     made = credentials.make_local(Path(tempfile.mkdtemp(prefix="explorer-test-credentials-")))
-    os.environ[credentials.CLIENT_TOKEN_FILE_ENV] = str(made / credentials.TRAINER_TOKEN)
     config.add_cleanup(lambda: shutil.rmtree(made, ignore_errors=True))
 
 

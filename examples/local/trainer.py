@@ -1,12 +1,14 @@
-"""A reference trainer beside an ExplorerJob: it knows only the job's ``status.sync.address`` and the model.
+"""A reference trainer beside an ExplorerJob: it knows only the job's ``status.sync.address``, its token and the model.
 
 Each round it reads a batch of experiences from the job's stream (``--batch`` of them, acknowledged once used),
 makes a toy update of the tiny model's weights (a seeded redraw, so anyone can recompute exactly what was pushed) and
 pushes it to every engine of the job through ``TrainerClient``; after the last push it reads what the explorer
 still produces until the stream is finished. One JSON line per read and per push. A real trainer replaces
 ``toy_update`` with its optimizer step on the batch. Run it in a pod labelled ``explorer.rft.dev/trainer-for=<job>``
-(the job's NetworkPolicy admits only such pods to the sync ports)::
+(the job's NetworkPolicy admits only such pods to the sync ports), with ``EXPLORER_SYNC_TOKEN`` set from key
+``trainer-token`` of the job's Secret ``<job>-credentials`` (every sync route refuses a caller without it)::
 
+    EXPLORER_SYNC_TOKEN="$(kubectl get secret cpu-tiny-credentials -o jsonpath='{.data.trainer-token}' | base64 -d)" \
     python3 trainer.py --address "$(kubectl get ej cpu-tiny -o jsonpath='{.status.sync.address}')" \\
         --model /models/tiny --pushes 1 --batch 16 --seed 7
 """

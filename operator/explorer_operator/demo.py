@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from explorer import credentials
 from explorer_operator import demo_stack
 from kubeplane import cluster
 
@@ -28,7 +29,12 @@ NAMESPACE = "default"
 
 def coordinator_report(plane: cluster.LocalCluster, job: str) -> dict[str, Any]:
     """The coordinator's own status API, read from inside its pod (no proxy through the API server)."""
-    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/status', timeout=3).read().decode())"
+    token_file = f"{credentials.MOUNT_DIR}/{credentials.JOB_TOKEN}"
+    probe = (
+        f"import urllib.request as u; t = open({token_file!r}).read().strip(); "
+        "r = u.Request('http://127.0.0.1:8080/status', headers={'Authorization': 'Bearer ' + t}); "
+        "print(u.urlopen(r, timeout=3).read().decode())"
+    )
     try:
         out = demo_stack.kubectl(plane, "exec", "-n", NAMESPACE, f"{job}-coordinator", "--", "python3", "-c", probe,
                                  timeout=20)  # fmt: skip

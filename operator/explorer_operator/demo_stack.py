@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from explorer import credentials
 from explorer_operator import builders
 from kubeplane import cluster, images, nodeconfig, paths
 
@@ -197,6 +198,13 @@ def trainer_objects(
         "image": images.RUNTIME_CPU_REF,
         "imagePullPolicy": "Never",
         "command": ["python3", "/trainer/trainer.py", *args],
+        # The job's trainer token, from the Secret the operator made (status.sync.credentialsSecret).
+        "env": [
+            {
+                "name": credentials.CLIENT_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": f"{job}-credentials", "key": credentials.TRAINER_TOKEN}},
+            }
+        ],
         "volumeMounts": [
             {"name": "code", "mountPath": "/trainer"},
             {"name": "models", "mountPath": "/models", "readOnly": True},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from explorer import credentials
 from explorer.config import BUILTIN_TASKSETS
 from explorer_operator import admission, builders, models
 
@@ -39,7 +40,8 @@ def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
             f"spec.workflow.importPath must look like 'package.module:ClassName', got {spec.workflow.import_path!r}"
         )
     problems += _coordinator_volume_problems(spec.coordinator)
-    engine_reserved = {builders.SHM_VOLUME: builders.SHM_DIR, builders.TMP_VOLUME: builders.TMP_DIR}
+    engine_reserved = {builders.SHM_VOLUME: builders.SHM_DIR, builders.TMP_VOLUME: builders.TMP_DIR,
+                       builders.CREDENTIALS_VOLUME: credentials.MOUNT_DIR}  # fmt: skip
     problems += _volume_problems("spec.engines", spec.engines.volumes, spec.engines.volume_mounts, engine_reserved)
     for i, group in enumerate(spec.auxiliary_models):
         where = f"spec.auxiliaryModels[{i}]"
@@ -48,10 +50,11 @@ def spec_problems(spec: models.ExplorerJobSpec) -> list[str]:
 
 
 def _coordinator_volume_problems(coordinator: models.CoordinatorSpec) -> list[str]:
-    """The operator's own volumes (the job's config, the writable /tmp, the job's storage) cannot be shadowed by the
-    user's."""
+    """The operator's own volumes (the job's config, the writable /tmp, the job's storage, its credentials) cannot be
+    shadowed by the user's."""
     reserved = {builders.CONFIG_VOLUME: builders.CONFIG_DIR, builders.TMP_VOLUME: builders.TMP_DIR,
-                builders.STORAGE_VOLUME: builders.STORAGE_DIR}  # fmt: skip
+                builders.STORAGE_VOLUME: builders.STORAGE_DIR,
+                builders.CREDENTIALS_VOLUME: credentials.MOUNT_DIR}  # fmt: skip
     return _volume_problems("spec.coordinator", coordinator.volumes, coordinator.volume_mounts, reserved)
 
 

@@ -99,7 +99,10 @@ def test_rendered_chart_is_least_privilege_and_restricted() -> None:
     assert "--all-namespaces" in container["args"]
     (role,) = by_kind(default, "ClusterRole")
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert not {r for _, r in granted} & {"secrets", "nodes", "customresourcedefinitions", "*"}
+    assert not {r for _, r in granted} & {"nodes", "customresourcedefinitions", "*"}
+    # Secrets: only the jobs' own credentials are made and rotated; none is ever updated wholesale or deleted.
+    secret_verbs = {v for rule in role["rules"] if "secrets" in rule["resources"] for v in rule["verbs"]}
+    assert secret_verbs == {"get", "list", "watch", "create", "patch"}
     assert ("explorer.rft.dev", "explorerjobs") in granted and ("networking.k8s.io", "networkpolicies") in granted
     assert by_kind(default, "PodDisruptionBudget")
     (policy,) = by_kind(default, "NetworkPolicy")
@@ -225,7 +228,9 @@ def test_operator_with_the_charts_token_reconciles_a_job_and_is_refused_the_rest
     # ... and nothing more: the same token is refused what the operator never needs.
     sa_env = {**env, "KUBECONFIG": str(kubeconfig)}
     for argv in (
-        ["get", "secret", "hf-token", "-n", "team"],
+        # Secrets: it makes and rotates the jobs' credentials, so it may read Secrets (docs/security.md), but it
+        # never deletes one.
+        ["delete", "secret", "hf-token", "-n", "team"],
         ["get", "nodes"],
         ["delete", "crd", CRD, "--dry-run=server"],
         ["create", "namespace", "intruder"],
@@ -250,7 +255,9 @@ def test_namespaced_mode_grants_nothing_outside_its_namespaces(chart_plane: clus
     )
     assert not can("list", "pods", "-n", "default") and not can("list", "explorerjobs.explorer.rft.dev", "-A")
     assert can("update", "leases.coordination.k8s.io", "-n", "scoped-ops")
-    assert not can("get", "secrets", "-n", "team")
+    # The jobs' credentials: Secrets in the watched namespaces only, never deleted; none elsewhere.
+    assert can("create", "secrets", "-n", "team") and not can("delete", "secrets", "-n", "team")
+    assert not can("get", "secrets", "-n", "default") and not can("list", "secrets", "-A")
 
 
 def test_uninstall_keeps_the_crd_and_the_jobs(chart_plane: cluster.LocalCluster) -> None:

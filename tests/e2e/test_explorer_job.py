@@ -6,6 +6,7 @@ One job serves every test in this module (engines take minutes to start on two c
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from explorer_operator import demo_stack
+from explorer import credentials
+from explorer_operator import builders, demo_stack
 from kubeplane.cluster import LocalCluster
 from tests.e2e import pods
 from tests.runtime import sync_support
@@ -101,6 +103,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def job_token(api: client.ApiClient, key: str = "job-token") -> str:
+    """One token of the job's Secret, as the operator made it."""
+    secret = client.CoreV1Api(api).read_namespaced_secret(f"{JOB}-credentials", NAMESPACE)
+    return base64.b64decode(secret.data[key]).decode()
+
+
 def engine_pods(api: client.ApiClient) -> list[str]:
     items = client.CoreV1Api(api).list_namespaced_pod(NAMESPACE, label_selector="explorer.rft.dev/role=engine").items
     return sorted(p.metadata.name for p in items)
@@ -150,6 +158,68 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
     assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"]}, (outcomes, sync_url)
 
 
+ATTACK_SCRIPT = """
+import json, sys, urllib.request, urllib.error
+targets = json.loads(sys.argv[1])
+for token in (None, "wrong"):
+    for name, method, url, body in targets:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = "Bearer " + token
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            status = urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        except OSError as err:
+            status = "unreachable: " + str(err)
+        print(json.dumps({"socket": name, "token": token or "none", "status": status}), flush=True)
+"""
+
+
+def test_every_http_socket_of_the_job_refuses_a_pod_with_stolen_labels_and_no_token(
+    real_plane: LocalCluster, real_api: client.ApiClient, running_job: dict[str, Any]
+) -> None:
+    """The worst placed attacker: a pod carrying the job's own label and the trainer label, so the NetworkPolicy
+    admits it to every port, but without the job's Secret. Authentication alone must refuse it everywhere."""
+    sync = f"http://{running_job['sync']['address']}"
+    coordinator_ip = client.CoreV1Api(real_api).read_namespaced_pod(f"{JOB}-coordinator", NAMESPACE).status.pod_ip
+    engine = f"http://{engine_pods(real_api)[0]}.{JOB}-engines.{NAMESPACE}.svc.cluster.local:8000"
+    status_api = f"http://{coordinator_ip}:8080"
+    targets = [
+        ("sync API", "GET", f"{sync}/v1/sync", None),
+        ("sync group", "POST", f"{sync}/v1/sync/group", {"tensors": []}),
+        ("experience stream", "POST", f"{sync}/v1/experiences/read", {"consumer": "thief", "maxExperiences": 1}),
+        ("status API", "GET", f"{status_api}/status", None),
+        ("engine OpenAI", "POST", f"{engine}/v1/completions", {"model": "tiny", "prompt": "1", "max_tokens": 1}),
+        ("engine collective_rpc", "POST", f"{engine}/collective_rpc", {"method": "ext_weight_version"}),
+        ("engine update_weights", "POST", f"{engine}/update_weights", {"update_info": {}}),
+        ("engine weight_info", "GET", f"{engine}/weight_info", None),
+    ]
+    # The probes stay open (kubelet has no token): they show the sockets are reachable, so a 401 is authentication.
+    controls = [
+        ("engine /health", "GET", f"{engine}/health", None),
+        ("status /healthz", "GET", f"{status_api}/healthz", None),
+    ]
+    labels = {builders.JOB_LABEL: JOB, TRAINER_LABEL: JOB}
+    pod = pods.python_pod("stolen-labels", ATTACK_SCRIPT, labels=labels)
+    pod["spec"]["containers"][0]["args"] = [json.dumps(targets + controls)]
+    pods.apply(real_plane, NAMESPACE, pod)
+    try:
+        pods.wait_phase(real_api, NAMESPACE, "stolen-labels", {"Succeeded", "Failed"}, timeout=180)
+        out = pods.logs(real_plane, NAMESPACE, "stolen-labels")
+    finally:
+        demo_stack.kubectl(real_plane, "delete", "pod", "stolen-labels", "-n", NAMESPACE, "--wait=false")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    print("\n".join(f"{r['socket']:24} {r['token']:18} {r['status']}" for r in rows))
+    outcomes = {(r["socket"], r["token"]): r["status"] for r in rows}
+    assert len(outcomes) == 2 * len(targets + controls), out
+    for (socket_name, token), status in outcomes.items():
+        expected = 200 if socket_name in {c[0] for c in controls} else 401
+        assert status == expected, (socket_name, token, status, out)
+
+
 def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
     real_plane: LocalCluster,
     real_api: client.ApiClient,
@@ -179,10 +249,12 @@ def test_trainer_pod_pushes_weights_and_the_job_explores_to_success(
 
     # Both engines serve exactly the pushed weights: their logprobs match an HF forward pass of them.
     state = load_trainer_module().toy_update(model_volume, TRAINER_SEED)
+    headers = credentials.bearer(job_token(real_api))
     for pod in engine_pods(real_api):
         forward, url = port_forward(real_plane, pod, 8000)
         try:
-            error = sync_support.max_logprob_error(sync_support.engine_logprobs(url), model_volume, state)
+            served = sync_support.engine_logprobs(url, headers=headers)
+            error = sync_support.max_logprob_error(served, model_volume, state)
         finally:
             forward.terminate()
             forward.wait(timeout=10)

@@ -12,6 +12,7 @@ import httpx
 import torch
 
 from explorer import config as explorer_config
+from explorer import credentials
 from explorer.weight_sync.rendezvous import SyncCoordinator
 
 T = TypeVar("T")
@@ -61,12 +62,14 @@ def start_coordinator(loop: LoopThread, config: explorer_config.ExplorerConfig, 
     return loop.run(make())
 
 
-def engine_logprobs(url: str, prompts: list[str] = PROMPTS, max_tokens: int = 8) -> list[dict[str, Any]]:
-    """Greedy completions with token ids and logprobs from one engine."""
+def engine_logprobs(
+    url: str, prompts: list[str] = PROMPTS, max_tokens: int = 8, headers: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Greedy completions with token ids and logprobs from one engine (``headers``: default, this run's job token)."""
     response = httpx.post(f"{url}/v1/completions", json={
         "model": "tiny", "prompt": prompts, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": 0,
         "return_token_ids": True, "seed": 0,
-    }, timeout=120)  # fmt: skip
+    }, timeout=120, headers=headers or credentials.job_headers())  # fmt: skip
     response.raise_for_status()
     return sorted(response.json()["choices"], key=lambda c: c["index"])
 

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
-from explorer import local_engine, sink
+from explorer import credentials, local_engine, sink
 from explorer.weight_sync.trainer import TrainerClient
 from explorer_operator import builders
 from explorer_operator.builders import JobRef
@@ -39,6 +40,18 @@ def worker_command(ray_port: int) -> list[str]:
     return [ray, *command[1:3], f"--address={HEAD_IP}:{ray_port}", "--node-ip-address=127.0.0.3", "--num-cpus=1"]
 
 
+def pod_env() -> dict[str, str]:
+    """The worker pod's Ray settings from the builder, with the token path pointed at this run's job token."""
+    from explorer_operator import models
+
+    spec = models.ExplorerJobSpec.model_validate({"model": {"path": "/m"}, "taskset": {"path": "/t.jsonl"},
+                                                  "coordinator": {"cpuWorkers": 1}})  # fmt: skip
+    container = builders.build_worker_pod(JobRef("j", "ns", "u"), spec, 0)["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("RAY_")}
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": f"{credentials.MOUNT_DIR}/job-token"}
+    return env | {"RAY_AUTH_TOKEN_PATH": str(credentials.directory() / credentials.JOB_TOKEN)}
+
+
 def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     cpu_engines: list[local_engine.LocalEngine], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -47,9 +60,7 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     body = yaml.safe_load(config.read_text())
     body["sync"] = {"method": "gloo", "style": "fixed", "interval": 1, "timeoutSeconds": 600}  # waits after step 1
     config.write_text(yaml.safe_dump(body))
-    # As in the pods: Ray's token auth off on both sides. (A ray.init earlier in this pytest process left
-    # RAY_AUTH_MODE=token in os.environ, and a head started with it refuses the worker.)
-    env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "EXPLORER_SYNC_ADDRESS": f"127.0.0.1:{sync_port}"}
     argv = [sys.executable, "-m", "explorer", "coordinator", "--config", str(config), "--status-host", "127.0.0.1",
             "--bind-host", "127.0.0.1", "--sync-port", str(sync_port), "--ray-head-port", str(ray_port),
             "--node-ip", HEAD_IP]  # fmt: skip
@@ -59,7 +70,21 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     worker: subprocess.Popen[bytes] | None = None
     try:
         wait_for(lambda: _report(status_port), timeout=180, what="the coordinator's status API")
-        worker_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # what the worker pod's env sets
+        base = f"http://127.0.0.1:{status_port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200  # probes need no token
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert httpx.get(f"{base}/status", headers=headers).status_code == 401
+
+        # A worker without the job token (a pod of the job running someone's code, say) is refused by the head.
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("not-the-job-token")
+        intruder_env = {**os.environ, **pod_env(), "RAY_AUTH_TOKEN_PATH": str(wrong)}
+        intruder = subprocess.run(worker_command(ray_port), env=intruder_env, capture_output=True, text=True,
+                                  timeout=180, check=False)  # fmt: skip
+        assert intruder.returncode != 0, intruder.stdout[-2000:]
+        assert (_report(status_port) or {}).get("rayNodes") == 1
+
+        worker_env = {**os.environ, **pod_env()}  # what the worker pod's env sets, its token path made local
         worker_log = tmp_path / "worker.log"
         with worker_log.open("wb") as worker_out:
             worker = subprocess.Popen(worker_command(ray_port), env=worker_env, stdout=worker_out,

@@ -35,6 +35,7 @@ from explorer.weight_sync.trainer import (
     TrainerClient,
 )
 from kubeplane import paths
+from tests.auth import job_headers
 from tests.conftest import free_port
 from tests.runtime.sync_support import LoopThread
 from tests.waiting import wait_for
@@ -71,7 +72,8 @@ def every_id(steps: int) -> list[Id]:
 
 def report(port: int) -> dict[str, Any] | None:
     with contextlib.suppress(httpx.HTTPError, ValueError):
-        data: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=2).json()
+        response = httpx.get(f"http://127.0.0.1:{port}/status", timeout=2, headers=job_headers())
+        data: dict[str, Any] = response.raise_for_status().json()
         return data
     return None
 

@@ -16,6 +16,7 @@ import yaml
 
 from explorer import local_engine, sink
 from kubeplane import paths
+from tests.auth import job_headers
 from tests.conftest import free_port
 from tests.waiting import wait_for
 
@@ -106,7 +107,8 @@ def _tail(log: Path, chars: int = 4000) -> str:
 
 def _report(port: int) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=1).json()
+        response = httpx.get(f"http://127.0.0.1:{port}/status", timeout=1, headers=job_headers())
+        data: dict[str, Any] = response.raise_for_status().json()
         return data
     except (httpx.HTTPError, ValueError):
         time.sleep(0.2)

@@ -16,6 +16,7 @@ import pytest
 from explorer import config, engine_metrics, local_engine, scheduler
 from explorer.workflows import Task
 from tests import waiting
+from tests.auth import job_headers
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("ray_cluster")]
 
@@ -201,7 +202,7 @@ def test_requests_spread_over_both_engines_counted_by_the_engines_themselves(
     urls = [e.base_url for e in cpu_engines]
 
     def running(url: str) -> float:
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{url}/metrics", timeout=10, headers=job_headers()).raise_for_status().text
         return engine_metrics.compute_requests_served(metrics, "vllm:num_requests_running")
 
     # Least-outstanding routing sends less to a busier engine: start from two idle engines (an earlier test's

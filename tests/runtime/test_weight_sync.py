@@ -24,6 +24,7 @@ from explorer.weight_sync import protocol, versions
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
 from kubeplane import paths
+from tests.auth import trainer_headers
 from tests.conftest import free_port
 from tests.runtime import sync_support as support
 from tests.waiting import wait_for
@@ -330,6 +331,7 @@ def test_checkpoint_directories_outside_the_checkpoint_path_are_refused(
 
 def test_bad_json_is_a_400_with_a_message(coordinator: SyncCoordinator) -> None:
     for path in ("/v1/sync/group", "/v1/sync/push", "/v1/sync/checkpoint"):
-        response = httpx.post(f"http://{address(coordinator)}{path}", content=b"{not json", timeout=30)
+        response = httpx.post(f"http://{address(coordinator)}{path}", content=b"{not json", timeout=30,
+                              headers=trainer_headers())  # fmt: skip
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"].startswith("invalid request body: body: Invalid JSON")

@@ -280,6 +280,11 @@ def test_coordinator_and_cpu_workers_mount_the_users_volumes_beside_the_config()
     problems = validation.spec_problems(shadow)
     assert any(p.startswith("spec.engines.volumes must not use the name 'tmp'") for p in problems), problems
     assert any(p.startswith("spec.engines.volumeMounts must not mount at /dev/shm") for p in problems), problems
+    swap = spec(engines={"volumes": [{"name": "credentials", "secret": {"secretName": "mine"}}],
+                         "volumeMounts": [{"name": "x", "mountPath": credentials.MOUNT_DIR}]})  # fmt: skip
+    problems = validation.spec_problems(swap)  # no job may hand its engines a token of its own choosing
+    assert any(p.startswith("spec.engines.volumes must not use the name 'credentials'") for p in problems), problems
+    assert any(p.startswith(f"spec.engines.volumeMounts must not mount at {credentials.MOUNT_DIR}") for p in problems)
 
 
 def test_engines_get_a_memory_backed_dev_shm_and_cpu_engines_request_no_gpu() -> None:
