@@ -54,6 +54,13 @@ def sync_coordinator(
 @contextlib.contextmanager
 def ray_session(node_ip: str | None, head_port: int | None) -> Iterator[None]:
     """A local Ray instance, or (``head_port``) a Ray head that CPU worker pods join at ``<coordinator>:<port>``."""
+    if head_port is not None:
+        # Token auth with the job token: a pod of the job that has no token (or anything else reaching the port)
+        # cannot join or submit work. Worker pods mount the same token (builders.build_worker_pod). Set before Ray
+        # is imported: it reads its auth settings once.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(credentials.directory() / credentials.JOB_TOKEN)
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # a token value would win over the job's file
     import ray
 
     if head_port is None:
@@ -64,10 +71,6 @@ def ray_session(node_ip: str | None, head_port: int | None) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    # Token auth with the job token: a pod of the job that has no token (or anything else reaching the port) cannot
-    # join or submit work. Worker pods mount the same token (builders.build_worker_pod).
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(credentials.directory() / credentials.JOB_TOKEN)
     ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     argv = [ray_cli, "start", "--head", "--block", f"--port={head_port}", "--include-dashboard=false",
             "--disable-usage-stats", *([f"--node-ip-address={node_ip}"] if node_ip else [])]  # fmt: skip

@@ -69,7 +69,8 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
         coordinator = subprocess.Popen(argv, cwd=paths.repo_root(), env=env, stdout=out, stderr=subprocess.STDOUT)
     worker: subprocess.Popen[bytes] | None = None
     try:
-        wait_for(lambda: _report(status_port), timeout=180, what="the coordinator's status API")
+        wait_for(lambda: _report(status_port), timeout=180,
+                 what=lambda: f"the coordinator's status API; its log:\n{log.read_text()[-3000:]}")  # fmt: skip
         base = f"http://127.0.0.1:{status_port}"
         assert httpx.get(f"{base}/healthz").status_code == 200  # probes need no token
         for headers in ({}, {"Authorization": "Bearer wrong"}):
