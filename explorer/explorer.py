@@ -49,6 +49,9 @@ SyncHook = Callable[[int], Awaitable[int | None]]
 class ExplorerState:
     step: int = 0
     cursor: int = 0
+    # Pushes the job had seen when this explorer first started (pushes before the first step count as earlier
+    # ones); with the steps committed since, it says how many pushes each later sync boundary waits for.
+    sync_baseline: int | None = None
 
 
 def _save_state(directory: Path, state: ExplorerState) -> None:
@@ -91,6 +94,19 @@ class Explorer:
         sync = self.config.sync
         return step > sync.offset and (step - sync.offset) % sync.interval == 0
 
+    def boundaries_until(self, step: int) -> int:
+        """Sync boundaries among steps 1..``step``."""
+        sync = self.config.sync
+        return max(0, (step - sync.offset) // sync.interval) if step > sync.offset else 0
+
+    def _sync_baseline(self, state: ExplorerState) -> int:
+        """Pushes that count as given before step 1 (kept in the state; a state from before it was kept: assume the
+        trainer had caught up with the boundaries passed)."""
+        if state.sync_baseline is not None:
+            return state.sync_baseline
+        pushes = self.sync.syncs if self.sync is not None else 0
+        return max(0, pushes - self.boundaries_until(state.step))
+
     def allowed_lag(self) -> int | None:
         """Sync boundaries exploring may run ahead of the trainer's pushes (None: never wait)."""
         if self.sync is None:
@@ -129,7 +145,9 @@ class Explorer:
         if self.sync is not None:
             self.policy_version = self.sync.version
         lag = self.allowed_lag()
-        boundaries = self.sync.syncs if self.sync is not None else 0  # pushes before this run count as earlier ones
+        # The sync coordinator counts pushes over the job's life (persisted with the versions), so a resumed run
+        # waits for exactly the pushes the boundaries it already passed have not been given.
+        boundaries = (state.sync_baseline or 0) + self.boundaries_until(state.step)
         marks: dict[int, tuple[int | None, int]] = {}  # step -> (version when scheduled, applied-log position)
         try:
             total, size = self.config.explore.total_steps, self.config.explore.batch_size
@@ -157,7 +175,7 @@ class Explorer:
                     "experiences": written, "failed_tasks": self.report.failed_tasks + failed,
                     "missing_tasks": self.report.missing_tasks + len(missing),
                     "experiences_per_second": rate})  # fmt: skip
-                state = ExplorerState(step, state.cursor + size)
+                state = ExplorerState(step, state.cursor + size, state.sync_baseline)
                 await asyncio.to_thread(_save_state, self.sink.directory, state)
                 metrics = {**step_metrics, "failed_tasks": failed, "missing_tasks": len(missing)}
                 if experiences:
@@ -215,8 +233,10 @@ class Explorer:
         if committed and max(committed) > state.step:
             # Committed but the state write did not land: the step is done; advance past it.
             behind = max(committed) - state.step
-            state = ExplorerState(max(committed), state.cursor + behind * self.config.explore.batch_size)
-        return state
+            state = ExplorerState(
+                max(committed), state.cursor + behind * self.config.explore.batch_size, state.sync_baseline
+            )
+        return dataclasses.replace(state, sync_baseline=self._sync_baseline(state))
 
     def _stamp_versions(self, experiences: list[Experience], start_version: int | None, mark: int) -> int | None:
         """Record on each experience the version its step started on and every version applied while it ran."""

@@ -110,7 +110,7 @@ class SyncCoordinator:
         self.group: Group | None = None
         self.version: int | None = None
         self.engines_in_sync: int | None = None
-        self.syncs = 0
+        self.syncs = 0  # pushes applied over the job's life: recorded with the versions, read back at start
         self.last_sync_time: str | None = None
         self.last_sync_duration: float | None = None
         self.last_sync_bytes: int | None = None
@@ -143,6 +143,7 @@ class SyncCoordinator:
             self.engines_in_sync = sum(1 for v in served if v == str(self.version))
         try:
             self.newest_version = max(self.version or 0, await self._recorded_version())
+            self.syncs = await asyncio.to_thread(versions.load_pushes, self.state_dir)
         except api.SyncError as err:  # exploring goes on; every push is refused with this message until it is fixed
             log.error("%s", err)
         self._runner = await status_api.serve_app(api.build_app(self, lambda: self.experiences), self.bind_host,
@@ -324,10 +325,10 @@ class SyncCoordinator:
         except versions.VersionConflictError as err:
             raise api.SyncError(409, str(err)) from None
 
-    async def _save_version(self, version: int) -> None:
+    async def _save_version(self, version: int, pushes: int) -> None:
         self.newest_version = max(self.newest_version, version)
         try:
-            await asyncio.to_thread(versions.save_version, self.state_dir, self.newest_version)
+            await asyncio.to_thread(versions.save_version, self.state_dir, self.newest_version, pushes)
         except OSError as err:
             self._warn_ledger(err)
 
@@ -423,7 +424,7 @@ class SyncCoordinator:
         in_sync = sum(applied)
         if in_sync == 0:
             raise api.SyncError(502, f"no engine applied version {version}; they keep version {self.version}")
-        await self._save_version(version)
+        await self._save_version(version, self.syncs + 1)
         self.version, self.engines_in_sync, self.syncs = version, in_sync, self.syncs + 1
         self.last_sync_time = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.last_sync_duration, self.last_sync_bytes, self.last_error = seconds, nbytes, None
@@ -479,7 +480,7 @@ class SyncCoordinator:
     # ---- explorer side ---------------------------------------------------------------------------------------
 
     async def wait_for_syncs(self, count: int) -> None:
-        """Block until at least ``count`` pushes have been applied since this coordinator started."""
+        """Block until the job has had at least ``count`` pushes (counted across coordinator restarts)."""
         async with self._changed:
             await self._changed.wait_for(lambda: self.syncs >= count)
 

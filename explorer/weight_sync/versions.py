@@ -51,13 +51,25 @@ def load_version(directory: Path) -> int:
     return version
 
 
-def save_version(directory: Path, version: int) -> None:
-    """Record ``version`` (fsynced, then renamed over the old file: a reader sees the old or the new one)."""
+def load_pushes(directory: Path) -> int:
+    """How many pushes the job has had, as recorded beside the version (0: none, or a ledger from before the count
+    was kept)."""
+    try:
+        data = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    pushes = data.get("pushes") if isinstance(data, dict) else None
+    return pushes if isinstance(pushes, int) and not isinstance(pushes, bool) and pushes >= 0 else 0
+
+
+def save_version(directory: Path, version: int, pushes: int = 0) -> None:
+    """Record ``version`` and the job's push count (fsynced, then renamed over the old file: a reader sees the old
+    or the new one)."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump({"policyVersion": version}, handle)
+            json.dump({"policyVersion": version, "pushes": pushes}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, directory / STATE_FILE)

@@ -156,3 +156,43 @@ def test_a_coordinator_explores_only_once_every_engine_answers_health(tmp_path: 
     asyncio.run(scenario())
     assert next(answers, None) is None, "it returned before the engine answered 200"
     assert "engines 0 to answer /health" in seen
+
+
+class CountingSync:
+    """Unit-test stand-in for the sync coordinator's push count: each wait is answered by one more push, except the
+    one named by ``crash_at``, where the coordinator dies waiting."""
+
+    def __init__(self, syncs: int, crash_at: int | None = None):
+        self.syncs, self.crash_at = syncs, crash_at
+        self.version: int | None = syncs or None
+        self.engines_in_sync = self.last_sync_time = self.last_sync_duration = self.last_sync_bytes = None
+        self.waited: list[int] = []
+        self.on_version: Any = None
+        self.experiences: Any = None
+
+    async def wait_for_syncs(self, count: int) -> None:
+        self.waited.append(count)
+        if count == self.crash_at:
+            raise RuntimeError("coordinator killed while waiting for the trainer")
+        self.syncs = self.version = count
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_a_resumed_explorer_waits_for_the_push_of_every_boundary_it_passed(tmp_path: Path) -> None:
+    """Fixed style, a sync after every step: the coordinator dies after step 2 while waiting for push #2. Restarted
+    with the job's 1 push on record, the boundary after step 3 must wait for push #3; counting pushes from the
+    restart, it took push #2 (meant for step 2) as step 3's and explored step 4 a policy behind."""
+    cfg = explorer_config(
+        tmp_path,
+        delay=0,
+        steps=4,
+    ).model_copy(deep=True)
+    cfg.sync.style = "fixed"
+    first = CountingSync(syncs=0, crash_at=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        asyncio.run(explorer_mod.Explorer(cfg, sync=first).explore())  # type: ignore[arg-type]
+    assert first.waited == [1, 2]
+    assert explorer_mod.load_state(Path(cfg.experiences.path)).step == 2
+    restarted = CountingSync(syncs=first.syncs)
+    asyncio.run(explorer_mod.Explorer(cfg, sync=restarted).explore())  # type: ignore[arg-type]
+    assert restarted.waited == [3]  # step 4 is the last: nothing is explored after it, so it waits for no push

@@ -221,6 +221,7 @@ def test_versions_increase_across_a_restart_and_a_trainer_may_not_go_back(tmp_pa
 
     async def after_restart() -> None:
         assert restarted.version is None and restarted.newest_version == 2
+        assert restarted.syncs == 2  # the job's pushes, not this coordinator's: sync boundaries resume where they were
         async with trainer_client(restarted) as trainer:
             with pytest.raises(SyncRefusedError, match="version 2 is not newer than the current policy version 2"):
                 await asyncio.to_thread(trainer.push, STATE, 2)
@@ -229,6 +230,7 @@ def test_versions_increase_across_a_restart_and_a_trainer_may_not_go_back(tmp_pa
 
     serve(restarted, scenario=after_restart)
     assert versions.load_version(tmp_path / "experiences") == 10
+    assert versions.load_pushes(tmp_path / "experiences") == 4
 
 
 def test_a_broadcast_and_a_checkpoint_coordinator_of_one_job_never_share_a_version(tmp_path: Path) -> None:
