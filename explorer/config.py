@@ -122,6 +122,17 @@ class SyncSpec(WireModel):
     bucket_bytes: int = Field(
         default=256 << 20, ge=1 << 16, le=8 << 30, description="Packed chunk size of a broadcast push."
     )
+    trainer_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="fixed/async styles: how long the explorer waits at a sync boundary for the trainer's push before "
+        "it reports the trainer overdue (Degraded/TrainerOverdue) and takes onTrainerTimeout; unset: wait forever.",
+    )
+    on_trainer_timeout: Literal["Wait", "Fail"] = Field(
+        default="Wait",
+        description="Past trainerTimeoutSeconds: keep waiting (the job stays Degraded until a push arrives), or fail "
+        "the job (Failed/TrainerTimeout, no restart: a new coordinator would only wait again).",
+    )
     generation_during_sync: Literal["keep", "wait", "abort"] = Field(
         default="keep",
         description="While weights swap: keep in-flight requests (they finish on the new weights), wait for them "

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "explorer-state.json"
 FINAL_READ_GRACE_SECONDS = 5.0  # after the drain, how long the stream still answers a last read
 SyncHook = Callable[[int], Awaitable[int | None]]
+TRAINER_TIMEOUT = "TrainerTimeout"  # the report's failure_reason: final, a restarted coordinator would only wait again
+
+
+class TrainerTimeoutError(RuntimeError):
+    """No push from the trainer within ``sync.trainerTimeoutSeconds`` at a boundary, with ``onTrainerTimeout: Fail``."""
 
 
 @dataclasses.dataclass
@@ -189,7 +194,7 @@ class Explorer:
                 if self.on_step:
                     self.on_step(step, metrics)
         except BaseException as err:
-            self.report = self.report.model_copy(update={"phase": "Failed", "message": repr(err)[:500]})
+            self._report_failure(err)
             raise
         finally:
             await sched.stop()
@@ -288,7 +293,37 @@ class Explorer:
             self.report = self.report.model_copy(
                 update={"message": f"step {step} done; waiting for the trainer's push #{boundaries - lag}"}
             )
-            await self.sync.wait_for_syncs(boundaries - lag)
+            await self._wait_for_trainer(self.sync, step, boundaries - lag)
+
+    def _report_failure(self, err: BaseException) -> None:
+        final = TRAINER_TIMEOUT if isinstance(err, TrainerTimeoutError) else None
+        message = str(err) if final else repr(err)
+        self.report = self.report.model_copy(update={"phase": "Failed", "message": message[:500],
+                                                     "failure_reason": final})  # fmt: skip
+
+    async def _wait_for_trainer(self, sync: SyncCoordinator, step: int, pushes: int) -> None:
+        """Wait for the job's push number ``pushes``; past ``sync.trainerTimeoutSeconds`` report the trainer overdue
+        and keep waiting or fail, as ``sync.onTrainerTimeout`` says."""
+        spec = self.config.sync
+        waiting = asyncio.ensure_future(sync.wait_for_syncs(pushes))
+        if spec.trainer_timeout_seconds is None:
+            await waiting
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), spec.trainer_timeout_seconds)
+            return
+        except TimeoutError:
+            pass
+        overdue = (f"no push from the trainer for {spec.trainer_timeout_seconds:g}s (sync.trainerTimeoutSeconds): "
+                   f"step {step} is done and waits for push #{pushes}")  # fmt: skip
+        log.warning("%s", overdue)
+        if spec.on_trainer_timeout == "Fail":
+            waiting.cancel()
+            raise TrainerTimeoutError(overdue)
+        self.report = self.report.model_copy(update={"trainer_overdue": True, "waiting_for": overdue,
+                                                     "message": overdue})  # fmt: skip
+        await waiting
+        self.report = self.report.model_copy(update={"trainer_overdue": False, "waiting_for": None})
 
     def _served_version(self) -> int | None:
         return self.sync.version if self.sync is not None else self.policy_version

@@ -50,6 +50,12 @@ class CoordinatorReport(WireModel):
     waiting_for: str | None = Field(
         default=None, description="What the explorer waits for before it goes on (back-pressure, the final drain)."
     )
+    trainer_overdue: bool = Field(
+        default=False, description="Waiting at a sync boundary past sync.trainerTimeoutSeconds for the trainer's push."
+    )
+    failure_reason: str | None = Field(
+        default=None, description="Why the explorer failed, when that is final (TrainerTimeout): not worth a restart."
+    )
     message: str = ""
 
 

@@ -139,6 +139,8 @@ def compute(
     troubles = unwritten + claim_troubles(job, spec, observed, live)
     troubles += [t for n, p in live.items() if (t := pod_trouble(n, p))]
     troubles += [("Restarting", f"{p.pod}: {p.reason}; recreated at {p.not_before}") for p in status.pending_restarts]
+    if report is not None and report.trainer_overdue:
+        troubles.append(("TrainerOverdue", report.waiting_for or "the trainer's push is overdue"))
     _degraded(troubles, "NoPodProblems", cond)
 
     if ready:

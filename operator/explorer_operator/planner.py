@@ -165,6 +165,14 @@ def _detect_completion(
         status.phase = "Succeeded"
         status.completion_time = timestamp(now)
         result.events.append(Event("Normal", "Succeeded", "The explorer finished every step"))
+    elif pod_phase == "Failed" and observed.report is not None and observed.report.failure_reason:
+        # A failure the explorer calls final (no push from the trainer in time): a new coordinator would only wait
+        # again, so the job fails without spending its restart budget.
+        reason, message = observed.report.failure_reason, observed.report.message
+        status.phase = "Failed"
+        status.completion_time = timestamp(now)
+        status.conditions = conditions.set_condition(status.conditions, "Failed", "True", reason, message, now)
+        result.events.append(Event("Warning", reason, message))
 
 
 def _cleanup_terminal(

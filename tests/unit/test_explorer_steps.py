@@ -196,3 +196,54 @@ def test_a_resumed_explorer_waits_for_the_push_of_every_boundary_it_passed(tmp_p
     restarted = CountingSync(syncs=first.syncs)
     asyncio.run(explorer_mod.Explorer(cfg, sync=restarted).explore())  # type: ignore[arg-type]
     assert restarted.waited == [3]  # step 4 is the last: nothing is explored after it, so it waits for no push
+
+
+class SilentTrainer(CountingSync):
+    """A trainer that has gone: no push arrives until ``push()`` is called."""
+
+    def __init__(self) -> None:
+        super().__init__(syncs=0)
+        self.pushed = asyncio.Event()
+
+    async def wait_for_syncs(self, count: int) -> None:
+        self.waited.append(count)
+        await self.pushed.wait()
+        self.syncs = self.version = count
+
+
+def fixed_style(tmp_path: Path, timeout: float, action: str) -> config.ExplorerConfig:
+    cfg = explorer_config(tmp_path, delay=0, steps=3).model_copy(deep=True)
+    cfg.sync.style, cfg.sync.trainer_timeout_seconds, cfg.sync.on_trainer_timeout = "fixed", timeout, action  # type: ignore[assignment]
+    return cfg
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_a_gone_trainer_fails_the_explorer_with_a_final_reason_when_told_to(tmp_path: Path) -> None:
+    ex = explorer_mod.Explorer(fixed_style(tmp_path, 0.3, "Fail"), sync=SilentTrainer())  # type: ignore[arg-type]
+    with pytest.raises(explorer_mod.TrainerTimeoutError, match=r"no push from the trainer for 0.3s"):
+        asyncio.run(ex.explore())
+    assert ex.report.phase == "Failed" and ex.report.failure_reason == explorer_mod.TRAINER_TIMEOUT
+    assert "sync.trainerTimeoutSeconds" in ex.report.message and "waits for push #1" in ex.report.message
+    assert explorer_mod.load_state(Path(ex.config.experiences.path)).step == 1  # step 1 kept: a resume starts at 2
+
+
+@pytest.mark.usefixtures("in_process_runners")
+def test_an_overdue_trainer_is_reported_while_the_explorer_keeps_waiting(tmp_path: Path) -> None:
+    trainer = SilentTrainer()
+    ex = explorer_mod.Explorer(fixed_style(tmp_path, 0.2, "Wait"), sync=trainer)  # type: ignore[arg-type]
+    seen: list[bool] = []
+
+    async def scenario() -> None:
+        exploring = asyncio.ensure_future(ex.explore())
+        while not ex.report.trainer_overdue:  # noqa: ASYNC110 - polling the report, as the status API does
+            await asyncio.sleep(0.05)
+        seen.append(ex.report.trainer_overdue)
+        assert ex.report.waiting_for and "push #1" in ex.report.waiting_for
+        await asyncio.sleep(0.5)
+        assert not exploring.done()  # still waiting, not failed
+        trainer.pushed.set()  # the trainer is back: every later wait is answered at once
+        await exploring
+
+    asyncio.run(scenario())
+    assert seen == [True] and not ex.report.trainer_overdue and ex.report.waiting_for is None
+    assert ex.report.phase != "Failed" and trainer.waited == [1, 2]

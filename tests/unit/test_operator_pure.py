@@ -7,7 +7,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from explorer import credentials
+from explorer import credentials, status_api
 from explorer_operator import builders, models, planner, validation
 from explorer_operator.world import Observed
 
@@ -325,3 +325,25 @@ def test_every_child_pod_asks_for_nothing_pod_security_restricted_refuses() -> N
             assert {"name": builders.TMP_VOLUME, "mountPath": builders.TMP_DIR} in container["volumeMounts"], name
             # Engines and workers write only to /tmp and /dev/shm; the coordinator's experience log is still local.
             assert sc["readOnlyRootFilesystem"] is (not name.endswith("-coordinator")), name
+
+
+def test_an_overdue_trainer_degrades_the_job_and_a_final_trainer_timeout_fails_it_without_a_restart() -> None:
+    s = spec()
+    settled = planner.plan(JOB, 1, s, models.ExplorerJobStatus(), world(s), NOW)
+    status = models.ExplorerJobStatus.model_validate(settled.status)
+    waiting = "no push from the trainer for 600s (sync.trainerTimeoutSeconds): step 3 is done and waits for push #3"
+    overdue = status_api.CoordinatorReport(phase="Running", step=3, trainer_overdue=True, waiting_for=waiting)
+    result = planner.plan(JOB, 1, s, status, dataclasses.replace(world(s), report=overdue), NOW)
+    degraded = next(c for c in result.status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "TrainerOverdue", waiting)
+
+    ended = running(builders.build_desired_pods(JOB, s)["rl-coordinator"])
+    ended["status"]["phase"] = "Failed"
+    final = status_api.CoordinatorReport(phase="Failed", step=3, failure_reason="TrainerTimeout", message=waiting)
+    gone = dataclasses.replace(world(s, **{"rl-coordinator": ended}), report=final)
+    result = planner.plan(JOB, 1, s, status, gone, NOW)
+    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
+    assert result.status["phase"] == "Failed" and (failed["reason"], failed["message"]) == ("TrainerTimeout", waiting)
+    assert result.status.get("restarts", 0) == 0 and not result.status.get("pendingRestarts")
+    assert not [o for o in result.applies if o["kind"] == "Pod"]  # no new coordinator to wait again
+    assert [e.reason for e in result.events if e.type == "Warning"] == ["TrainerTimeout"]
