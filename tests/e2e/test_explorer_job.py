@@ -159,8 +159,18 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
 
 
 ATTACK_SCRIPT = """
-import json, sys, urllib.request, urllib.error
+import json, sys, time, urllib.request, urllib.error
 targets = json.loads(sys.argv[1])
+# A new pod's IP reaches kube-router's ipsets a moment after it starts (refused until then): wait until the open
+# probes answer, so that every row below is the sockets' answer, not the network's.
+for name, method, url, body in targets:
+    if name.startswith("control"):
+        for attempt in range(60):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
 for token in (None, "wrong"):
     for name, method, url, body in targets:
         headers = {"Content-Type": "application/json"}
@@ -199,8 +209,8 @@ def test_every_http_socket_of_the_job_refuses_a_pod_with_stolen_labels_and_no_to
     ]
     # The probes stay open (kubelet has no token): they show the sockets are reachable, so a 401 is authentication.
     controls = [
-        ("engine /health", "GET", f"{engine}/health", None),
-        ("status /healthz", "GET", f"{status_api}/healthz", None),
+        ("control: engine /health", "GET", f"{engine}/health", None),
+        ("control: status /healthz", "GET", f"{status_api}/healthz", None),
     ]
     labels = {builders.JOB_LABEL: JOB, TRAINER_LABEL: JOB}
     pod = pods.python_pod("stolen-labels", ATTACK_SCRIPT, labels=labels)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from explorer import local_engine
+from tests.auth import job_headers
 
 pytestmark = pytest.mark.vllm
 
@@ -29,6 +30,7 @@ def test_cpu_engine_generates_sixteen_prompts_with_logprobs_matching_hf(
             "seed": 0,
         },
         timeout=300,
+        headers=job_headers(),  # the engine admits only the job's own token (explorer/http_auth.py)
     )
     assert response.status_code == 200, response.text
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
