@@ -73,11 +73,14 @@ def job_storage(real_plane: LocalCluster, model_volume: Path) -> Path:
 @pytest.fixture(scope="module")
 def running_job(real_plane: LocalCluster, operator_installed: None, job_storage: Path) -> dict[str, Any]:
     demo_stack.kubectl(real_plane, "apply", "-n", NAMESPACE, "-f", str(demo_stack.CPU_JOB))
-    return wait_for(
-        lambda: (s := job_status(real_plane)).get("engines", {}).get("ready") == 2 and s,
-        timeout=900,
-        what="both CPU engines Ready",
-    )
+
+    def ready() -> dict[str, Any] | None:
+        status = job_status(real_plane)
+        if status.get("phase") == "Failed":  # say why at once instead of waiting out the timeout
+            raise AssertionError(f"the job failed before its engines were Ready: {status.get('conditions')}")
+        return status if status.get("engines", {}).get("ready") == 2 else None
+
+    return wait_for(ready, timeout=900, what="both CPU engines Ready")
 
 
 def port_forward(plane: LocalCluster, pod: str, port: int) -> tuple[subprocess.Popen[str], str]:
