@@ -471,10 +471,13 @@ class LocalCluster:
                 self.timings[f"import_{image.name}_{node.name}"] = seconds
             node.start_node_daemons({nodeconfig.REAL_NODE_LABEL: "true"})
         self._wait_real_nodes_ready()
+        # kube-proxy's first sync before kube-router starts: kube-router rewrites the filter table with
+        # iptables-restore, and a kube-proxy sync that overlaps it loses its chains ("Chain 'KUBE-SERVICES' does
+        # not exist") and retries only 30 s later. A plane that says it is up routes Services.
+        for node in self.real_nodes:
+            node.wait_service_rules()
         for node in self.real_nodes:
             node.start_addons()
-        for node in self.real_nodes:
-            node.wait_service_rules()  # a plane that says it is up routes Services
 
     def _image_store(self, index: int) -> Path | None:
         """Node ``index``'s kept image store when no other live plane holds it, else None (a fresh one)."""
