@@ -122,6 +122,13 @@ class SyncSpec(WireModel):
     bucket_bytes: int = Field(
         default=256 << 20, ge=1 << 16, le=8 << 30, description="Packed chunk size of a broadcast push."
     )
+    trainer_namespaces: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Namespaces whose pods labelled explorer.rft.dev/trainer-for=<job> the job's NetworkPolicy admits "
+        "to the sync and group-transfer ports; empty: the job's own namespace only. (They still need the trainer "
+        "token.)",
+    )
     trainer_timeout_seconds: float | None = Field(
         default=None,
         gt=0,

@@ -459,6 +459,7 @@ def build_desired_pods(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, d
 
 
 TRAINER_LABEL = f"{models.GROUP}/trainer-for"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": OPERATOR_NAME}
 STORE_PORT_WINDOW = 8  # the coordinator opens a fresh store per sync group on sync.port+1 .. sync.port+8
 
@@ -476,11 +477,16 @@ def _ports_except(excluded: set[int]) -> list[dict[str, Any]]:
 
 
 def build_network_policies(job: JobRef, spec: models.ExplorerJobSpec) -> list[dict[str, Any]]:
-    """Who may reach the job's pods: its own pods; trainers labelled ``trainer-for=<job>`` (any namespace) on the
-    coordinator's sync ports and on the rollout engines' group-transfer ports, never on the engines' HTTP port (vLLM
-    dev mode opens control routes there); the operator on the coordinator's status port."""
+    """Who may reach the job's pods: its own pods; trainers labelled ``trainer-for=<job>`` in the job's namespace (or
+    those ``sync.trainerNamespaces`` names) on the coordinator's sync ports and on the rollout engines'
+    group-transfer ports, never on the engines' HTTP port (vLLM dev mode opens control routes there); the operator
+    on the coordinator's status port."""
     own = {"podSelector": {"matchLabels": {JOB_LABEL: job.name}}}
-    trainers = {"namespaceSelector": {}, "podSelector": {"matchLabels": {TRAINER_LABEL: job.name}}}
+    trainers = [
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
+         "podSelector": {"matchLabels": {TRAINER_LABEL: job.name}}}
+        for namespace in spec.sync.trainer_namespaces or [job.namespace]
+    ]  # fmt: skip
     operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}
     sync_ports = [{"protocol": "TCP", "port": spec.sync.port, "endPort": spec.sync.port + STORE_PORT_WINDOW}]
 
@@ -492,11 +498,11 @@ def build_network_policies(job: JobRef, spec: models.ExplorerJobSpec) -> list[di
     return [
         policy(f"{job.name}-isolation", {JOB_LABEL: job.name}, [{"from": [own]}]),
         policy(f"{job.name}-sync", {JOB_LABEL: job.name, ROLE_LABEL: "coordinator"}, [
-            {"from": [trainers], "ports": sync_ports},
+            {"from": trainers, "ports": sync_ports},
             {"from": [operator_pods], "ports": [{"protocol": "TCP", "port": spec.coordinator.api_port}]},
         ]),
         policy(f"{job.name}-engine-transfer", {JOB_LABEL: job.name, ROLE_LABEL: "engine", GROUP_LABEL: ROLLOUT_GROUP},
-               [{"from": [trainers], "ports": _ports_except({spec.engines.port})}]),
+               [{"from": trainers, "ports": _ports_except({spec.engines.port})}]),
     ]  # fmt: skip
 
 

@@ -150,15 +150,27 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
         "        print('closed')\n"
     )
     sync_host, sync_port = running_job["sync"]["address"].rsplit(":", 1)
+    elsewhere = "elsewhere"  # a namespace the job does not admit trainers from (sync.trainerNamespaces is empty)
+    client.CoreV1Api(real_api).create_namespace({"metadata": {"name": elsewhere,
+                                                              "labels": demo_stack.RESTRICTED_NAMESPACE}})  # fmt: skip
+    accounts = client.CoreV1Api(real_api).list_namespaced_service_account
+    wait_for(lambda: accounts(elsewhere).items, timeout=60, what="the new namespace's default ServiceAccount")
     outcomes = {}
-    for name, labels in (("stranger", {"app": "stranger"}), ("trainer-probe", {TRAINER_LABEL: JOB})):
-        pod = pods.python_pod(name, script, labels=labels)
-        pod["spec"]["containers"][0]["args"] = [sync_host, sync_port, engine_host]
-        pods.apply(real_plane, NAMESPACE, pod)
-        pods.wait_phase(real_api, NAMESPACE, name, {"Succeeded", "Failed"}, timeout=120)
-        outcomes[name] = pods.logs(real_plane, NAMESPACE, name).split()
-    # sync port, engine HTTP port (the vLLM dev routes): a stranger reaches neither, a trainer only the sync port.
-    assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"]}, (outcomes, sync_url)
+    probes = (("stranger", NAMESPACE, {"app": "stranger"}), ("trainer-probe", NAMESPACE, {TRAINER_LABEL: JOB}),
+              ("foreign-trainer", elsewhere, {TRAINER_LABEL: JOB}))  # fmt: skip
+    try:
+        for name, namespace, labels in probes:
+            pod = pods.python_pod(name, script, labels=labels)
+            pod["spec"]["containers"][0]["args"] = [sync_host, sync_port, engine_host]
+            pods.apply(real_plane, namespace, pod)
+            pods.wait_phase(real_api, namespace, name, {"Succeeded", "Failed"}, timeout=120)
+            outcomes[name] = pods.logs(real_plane, namespace, name).split()
+    finally:
+        client.CoreV1Api(real_api).delete_namespace(elsewhere)
+    # sync port, engine HTTP port (the vLLM dev routes): a stranger reaches neither, a trainer of the job's namespace
+    # only the sync port, a pod with the trainer label in another namespace neither.
+    assert outcomes == {"stranger": ["closed", "closed"], "trainer-probe": ["open", "closed"],
+                        "foreign-trainer": ["closed", "closed"]}, (outcomes, sync_url)  # fmt: skip
 
 
 ATTACK_SCRIPT = """

@@ -186,9 +186,18 @@ def test_network_policies_admit_own_pods_trainers_on_transfer_ports_and_never_th
     own = {"podSelector": {"matchLabels": {builders.JOB_LABEL: "rl"}}}
     assert policies["rl-isolation"]["ingress"] == [{"from": [own]}]
     sync_rules = policies["rl-sync"]["ingress"]
-    trainer_from = {"namespaceSelector": {}, "podSelector": {"matchLabels": {builders.TRAINER_LABEL: "rl"}}}
-    assert sync_rules[0] == {"from": [trainer_from], "ports": [{"protocol": "TCP", "port": s.sync.port,
-                                                               "endPort": s.sync.port + 8}]}  # fmt: skip
+
+    def trainers_in(namespace: str) -> dict[str, Any]:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "podSelector": {"matchLabels": {builders.TRAINER_LABEL: "rl"}}}  # fmt: skip
+
+    # Trainers of the job's own namespace only: a pod labelled trainer-for=rl elsewhere is not admitted.
+    assert sync_rules[0] == {"from": [trainers_in("team")], "ports": [{"protocol": "TCP", "port": s.sync.port,
+                                                                     "endPort": s.sync.port + 8}]}  # fmt: skip
+    assert policies["rl-engine-transfer"]["ingress"][0]["from"] == [trainers_in("team")]
+    wider = spec(sync={"trainerNamespaces": ["training", "team"]})
+    wider_rules = {p["metadata"]["name"]: p["spec"] for p in builders.build_network_policies(JOB, wider)}
+    assert wider_rules["rl-sync"]["ingress"][0]["from"] == [trainers_in("training"), trainers_in("team")]
     assert sync_rules[1]["ports"] == [{"protocol": "TCP", "port": s.coordinator.api_port}]
     transfer = policies["rl-engine-transfer"]["ingress"][0]
     covered = [(r["port"], r["endPort"]) for r in transfer["ports"]]
