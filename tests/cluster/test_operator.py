@@ -344,15 +344,18 @@ def test_unschedulable_engines_show_as_degraded_then_hit_the_startup_deadline(jo
     jobs.create(
         job_manifest("greedy", model={"path": "/models/big", "tensorParallelSize": 16}, startupDeadlineSeconds=10)
     )
-    wait_for(lambda: (c := jobs.condition("greedy", "Degraded")) and c["status"] == "True" and c, what="Degraded")
-    degraded = jobs.condition("greedy", "Degraded")
-    assert degraded is not None and degraded["reason"] == "Unschedulable"
-    assert "greedy-engine-0" in degraded["message"] and "nvidia.com/gpu" in degraded["message"]
+    # The scheduler marks the engines one by one, so a pass may quote either of them: any engine will do.
+    degraded = wait_for(lambda: (c := jobs.condition("greedy", "Degraded")) and c["status"] == "True" and c,
+                        what="Degraded")  # fmt: skip
+    assert degraded["reason"] == "Unschedulable"
+    assert "greedy-engine-" in degraded["message"] and "nvidia.com/gpu" in degraded["message"]
     assert jobs.get("greedy")["status"]["phase"] == "Initializing"
     jobs.wait_phase("greedy", "Failed", timeout=40)
     failed = jobs.condition("greedy", "Failed")
     assert failed is not None and failed["reason"] == "StartupDeadlineExceeded"
-    assert "greedy-engine-0" in failed["message"]
+    # It names the engines that never became ready (which of them the last pass saw refused, and so whether the
+    # scheduler's reason is quoted, varies: the scheduler retries them one by one).
+    assert "greedy-engine-" in failed["message"], failed["message"]
 
 
 @pytest.fixture
