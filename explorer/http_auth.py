@@ -17,7 +17,6 @@ from explorer import credentials
 
 Accepted = Callable[[], list[str]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ENGINE_MIDDLEWARE = "explorer.http_auth.EngineAuthMiddleware"  # vllm serve --middleware <this>
 ENGINE_OPEN_PATHS = frozenset({"/health"})
 
 
