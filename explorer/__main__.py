@@ -47,8 +47,7 @@ def sync_coordinator(
     host = address.rpartition(":")[0] or address
     if not host:
         raise SystemExit("EXPLORER_SYNC_ADDRESS is not set (the operator sets it on the coordinator pod)")
-    return SyncCoordinator(cfg, advertised_host=host, bind_host=bind_host, api_port=port or cfg.sync.port,
-                           store_port_base=port or cfg.sync.port)  # fmt: skip
+    return SyncCoordinator(cfg, advertised_host=host, bind_host=bind_host, api_port=port or cfg.sync.port)
 
 
 @contextlib.contextmanager

@@ -341,13 +341,13 @@ class Explorer:
     ) -> protocol.GroupInfo:
         """Have every engine join a new sync group for ``state_dict_meta`` ((name, dtype, shape) or TensorMeta).
 
-        Deliberate difference from the seed: the coordinator hosts the group's store on a fresh port per group
-        (stale keys deadlock a re-formed group), so ``master_port`` is chosen here and returned; ``master_address``,
-        if given, must be the advertised address string itself (gloo keys are prefixed with the string).
+        Deliberate difference from the seed: a group forms over the coordinator's authenticated API (``formation_store``
+        for gloo, a trainer-minted unique id for NCCL), never over a TCPStore that anyone reaching its port could
+        write, so there is no master port to choose: ``master_address`` and ``master_port`` must be left unset.
         """
         sync = self._need_sync_coordinator()
-        if master_address is not None and master_address != sync.advertised_host:
-            raise ValueError(f"master_address must be exactly {sync.advertised_host!r} on every side")
+        if master_address is not None or master_port is not None:
+            raise ValueError("groups form over the sync API (no TCPStore): leave master_address and master_port unset")
         metas = [
             m if isinstance(m, protocol.TensorMeta)
             else protocol.TensorMeta(name=m[0], dtype=str(m[1]).removeprefix("torch."), shape=list(m[2]))

@@ -24,13 +24,17 @@ def refusal(wants: str) -> str:
     return f"unauthorized: this route needs the job's {wants} as 'Authorization: Bearer <token>'"
 
 
-def aiohttp_guard(accepted: Accepted, wants: str, open_paths: Collection[str] = ()) -> Any:
+def aiohttp_guard(
+    accepted: Accepted, wants: str, open_paths: Collection[str] = (), own_auth_prefixes: tuple[str, ...] = ()
+) -> Any:
     """An aiohttp middleware admitting requests that carry one of ``accepted()`` (read per request: a rotated token
-    takes effect at once); ``wants`` names the token in the 401."""
+    takes effect at once); ``wants`` names the token in the 401. Paths under ``own_auth_prefixes`` pass to routes
+    that authenticate the caller themselves (they admit more than one token, each for its own part)."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths or credentials.matches(request.headers.get("Authorization"), accepted()):
+        if (request.path in open_paths or request.path.startswith(own_auth_prefixes)
+                or credentials.matches(request.headers.get("Authorization"), accepted())):  # fmt: skip
             return await handler(request)
         return web.json_response({"error": refusal(wants)}, status=401)
 

@@ -9,6 +9,7 @@ the trainer token (``explorer/credentials.py``): without it, a 401 before any bo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,12 @@ from pydantic import ValidationError
 
 from explorer import credentials, experience_stream, http_auth
 from explorer import experience_wire as wire
-from explorer.weight_sync import lease, protocol
+from explorer.weight_sync import formation_store, lease, protocol
 
 if TYPE_CHECKING:
     from explorer.weight_sync import rendezvous
 
+STORE_PREFIX = "/v1/sync/store/"  # the formation store's route authenticates trainer and engines itself
 MAX_BODY_BYTES = 64 << 20  # metadata of a 70B model is well under 1 MiB; a body near this is no trainer's
 Call = Callable[[bytes, str], Awaitable[Any]]
 StreamSource = Callable[[], "experience_stream.ExperienceStream | None"]
@@ -104,7 +106,8 @@ def add_experience_routes(app: web.Application, source: StreamSource) -> None:
 def build_app(sync: rendezvous.SyncCoordinator | None, experiences: StreamSource = lambda: None) -> web.Application:
     """The routes of ``docs/weight-sync.md``: the sync group's over ``sync`` (None: none), the experience stream's
     over what ``experiences`` returns; every one needs the trainer token."""
-    guard = http_auth.aiohttp_guard(credentials.trainer_tokens, credentials.TRAINER_TOKEN)
+    guard = http_auth.aiohttp_guard(credentials.trainer_tokens, credentials.TRAINER_TOKEN,
+                                    own_auth_prefixes=(STORE_PREFIX,))  # fmt: skip
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard])
     add_experience_routes(app, experiences)
     if sync is not None:
@@ -134,6 +137,10 @@ def add_sync_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> N
     async def result(request: web.Request) -> web.Response:
         return await respond(request, lambda _, who: sync.push_result(int(request.match_info["version"]), who))
 
+    async def nccl(request: web.Request) -> web.Response:
+        return await respond(request, lambda body, who: sync.start_nccl(
+            request.match_info["incarnation"], protocol.NcclIdRequest.model_validate_json(body), who))  # fmt: skip
+
     async def checkpoint(request: web.Request) -> web.Response:
         return await respond(request, lambda body, who: sync.push_checkpoint(
             protocol.PushRequest.model_validate_json(body), who))  # fmt: skip
@@ -145,3 +152,51 @@ def add_sync_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> N
     app.router.add_post("/v1/sync/push", push)
     app.router.add_post(r"/v1/sync/push/{version:\d+}/result", result)  # digits only: anything else is a 404
     app.router.add_post("/v1/sync/checkpoint", checkpoint)
+    app.router.add_post("/v1/sync/group/{incarnation}/nccl", nccl)
+    add_store_routes(app, sync)
+
+
+def store_role(request: web.Request) -> str:
+    """Who presents the request: the trainer (trainer token) or one of the job's engines (job token); else 401."""
+    authorization = request.headers.get("Authorization")
+    if credentials.matches(authorization, credentials.trainer_tokens()):
+        return formation_store.TRAINER
+    if credentials.matches(authorization, [credentials.job_token()]):
+        return formation_store.ENGINE
+    raise web.HTTPUnauthorized(
+        text=json.dumps({"error": "unauthorized: the sync store needs the job's trainer-token (rank 0) or "
+                                  "job-token (engines) as 'Authorization: Bearer <token>'"}),
+        content_type="application/json",
+    )  # fmt: skip
+
+
+def add_store_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> None:
+    """``/v1/sync/store/{incarnation}?key=…``: the formation store of a gloo group (``formation_store``)."""
+
+    async def answer(request: web.Request, write: bool) -> web.Response:
+        role = store_role(request)
+        key = request.query.get("key", "")
+        try:
+            keys = sync.formation_keys(request.match_info["incarnation"])
+            if write:
+                keys.check_write(key, request.content_length or 0, role)  # before reading a body of any size
+                await keys.put(key, await request.read(), role)
+                return web.json_response({})
+            wait = min(float(request.query.get("wait", "0") or 0), formation_store.POLL_SECONDS)
+            value = await keys.get(key, max(wait, 0.0))
+        except (formation_store.StoreRefusedError, SyncError) as err:
+            return web.json_response({"error": str(err)}, status=err.status)
+        except ValueError:
+            return web.json_response({"error": "wait must be a number of seconds"}, status=400)
+        if value is None:
+            return web.json_response({"error": f"store key {key!r} is not set yet"}, status=404)
+        return web.Response(body=value, content_type="application/octet-stream")
+
+    async def put(request: web.Request) -> web.Response:
+        return await answer(request, write=True)
+
+    async def get(request: web.Request) -> web.Response:
+        return await answer(request, write=False)
+
+    app.router.add_put(STORE_PREFIX + "{incarnation}", put)
+    app.router.add_get(STORE_PREFIX + "{incarnation}", get)

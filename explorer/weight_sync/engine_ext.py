@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-from explorer.weight_sync import checkpoint_dir, protocol
+from explorer import credentials
+from explorer.weight_sync import checkpoint_dir, formation_store, protocol
 
 # A child of vLLM's logger, so these lines land in the engine's log with vLLM's own.
 log = logging.getLogger("vllm.explorer.weight_sync")
@@ -85,8 +85,7 @@ def apply_weights(model: torch.nn.Module, model_config: Any, weights: list[tuple
 
 @dataclasses.dataclass
 class GlooInitInfo(WeightTransferInitInfo):
-    master_address: str
-    master_port: int
+    store_url: str  # the coordinator's sync API: the group forms over its formation store (job token)
     rank_offset: int
     world_size: int
     incarnation: str = ""
@@ -173,18 +172,16 @@ class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
         super().__init__(*args, **kwargs)
         self.staging = Staging()
         self.pg: Any = None
+        self.member: formation_store.GlooMember | None = None
         self.bucket_bytes = protocol.DEFAULT_BUCKET_BYTES
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
-
         self.shutdown()
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
-        self.pg = stateless_init_torch_distributed_process_group(
-            init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
-            timeout=timedelta(seconds=init_info.timeout_seconds),
-        )  # fmt: skip
+        self.member = formation_store.gloo_group(init_info.store_url, init_info.incarnation, credentials.job_token(),
+                                                 rank, init_info.world_size, init_info.timeout_seconds)  # fmt: skip
+        self.pg = self.member.group
         self.bucket_bytes = init_info.bucket_bytes
         self.staging.incarnation = init_info.incarnation
         self.staging.prefault(init_info.chunk_bytes)
@@ -216,11 +213,9 @@ class GlooStagedEngine(WeightTransferEngine[GlooInitInfo, StagedUpdateInfo]):
         self.staging.finish(self.model, self.model_config)
 
     def shutdown(self) -> None:
-        if self.pg is not None:
-            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
-
-            pg, self.pg = self.pg, None
-            stateless_destroy_torch_distributed_process_group(pg)
+        member, self.member, self.pg = self.member, None, None
+        if member is not None:
+            member.shutdown()
         self.staging.incarnation = ""
 
 

@@ -7,12 +7,14 @@ exceed the bucket by one tensor and the layout is byte-compatible with vLLM's pa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from explorer.config import WireModel
 
@@ -174,13 +176,31 @@ class GroupRequest(WireModel):
     tensors: list[TensorMeta] = Field(min_length=1)
 
 
+NCCL_UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
+
+
+def _nccl_unique_id(value: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not standard base64") from None
+    if len(raw) != NCCL_UNIQUE_ID_BYTES:
+        raise ValueError(f"decodes to {len(raw)} bytes; an NCCL unique id has {NCCL_UNIQUE_ID_BYTES}")
+    return value
+
+
+class NcclIdRequest(WireModel):
+    """Trainer → coordinator: the NCCL unique id it minted (``ncclGetUniqueId``) for the group it is forming."""
+
+    nccl_unique_id_b64: Annotated[str, AfterValidator(_nccl_unique_id)]
+
+
 class GroupInfo(WireModel):
-    """Coordinator → trainer: where and how to join (rank 0) the group."""
+    """Coordinator → trainer: how to join (rank 0) the group. A gloo group forms over the coordinator's formation
+    store at the address the trainer already uses; an NCCL group over the unique id the trainer then posts."""
 
     incarnation: str
     method: str
-    master_address: str
-    master_port: int
     world_size: int
     bucket_bytes: int
     timeout_seconds: float

@@ -1,13 +1,17 @@
-"""The coordinator's side of weight sync: hosts the group store, serves the trainer's control API, drives engines.
+"""The coordinator's side of weight sync: serves the trainer's control API, forms the group, drives engines.
 
 A trainer reaches this API (routes: ``api``) at the job's ``status.sync.address``. ``POST /v1/sync/group`` validates
-the state-dict metadata against every engine, opens a **fresh store** for this group incarnation (a new port, so no
-stale keys), and has every engine join at its rank; the trainer joins as rank 0 with the returned address string,
-which is the one string every side uses. ``POST /v1/sync/push`` starts a push: engines receive the whole state dict
-into a side buffer, and only when every engine has all of it does the coordinator apply it (pause → finish → reset
-prefix cache → resume). If any engine fails to receive (the trainer died, a timeout), every engine drops its buffer
-and keeps serving the previous version, and the group must be formed again. Only this coordinator talks to the
-engines' dev-mode routes (the NetworkPolicy keeps everyone else out).
+the state-dict metadata against every engine and starts a new group incarnation. A gloo group forms over the
+incarnation's formation store on this same API (``formation_store``: authenticated, each rank's key written only by
+its owner, closed once formed); the engines join at their ranks at once and the trainer joins as rank 0. An NCCL
+group forms over the unique id the trainer mints and posts (``/v1/sync/group/<incarnation>/nccl``): no store, so
+nothing that any side deserialises comes from an unauthenticated peer.
+
+``POST /v1/sync/push`` starts a push: engines receive the whole state dict into a side buffer, and only when every
+engine has all of it does the coordinator apply it (pause → finish → reset prefix cache → resume). If any engine
+fails to receive (the trainer died, a timeout), every engine drops its buffer and keeps serving the previous
+version, and the group must be formed again. Only this coordinator talks to the engines' dev-mode routes (they
+need the job token).
 
 One trainer owns the group at a time (``lease``), versions only increase, also across restarts (``versions``),
 checkpoint directories stay under ``sync.checkpointPath`` (``checkpoint_dir``), and a bad body is a 400 or 413 with
@@ -22,25 +26,22 @@ import base64
 import dataclasses
 import json
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 from aiohttp import web
-from torch._C._distributed_c10d import TCPStore
 
 from explorer import config as explorer_config
 from explorer import credentials, experience_stream, status_api
-from explorer.weight_sync import api, checkpoint_dir, lease, protocol, versions
+from explorer.weight_sync import api, checkpoint_dir, formation_store, lease, protocol, versions
 
 log = logging.getLogger(__name__)
-STORE_PORT_WINDOW = 8  # store ports cycle through sync.port+1 .. sync.port+8 in a pod (the NetworkPolicy opens them)
 IN_PROCESS = "in-process caller"  # the trainer name of calls made from Python (Explorer.setup_weight_sync_group)
 
 
@@ -76,9 +77,10 @@ class EngineDriver:
 @dataclasses.dataclass
 class Group:
     incarnation: str
-    store: Any
-    port: int
+    world_size: int
     joins: list[asyncio.Task[Any]]
+    keys: formation_store.FormationKeys | None = None  # gloo: the store it forms over, closed once formed
+    init_infos: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # nccl: sent with the trainer's id
     dtype: str | None = None
     ready: bool = False
     broken: str | None = None
@@ -94,7 +96,6 @@ class SyncCoordinator:
         advertised_host: str,
         bind_host: str,
         api_port: int,
-        store_port_base: int | None = None,
         state_dir: Path | None = None,
         lease_seconds: float | None = None,
     ):
@@ -104,7 +105,6 @@ class SyncCoordinator:
         self.advertised_host = advertised_host
         self.bind_host = bind_host
         self.api_port = api_port
-        self.store_port_base = store_port_base
         self.http = httpx.AsyncClient(headers=credentials.job_headers())
         self.engines = [EngineDriver(e, self.http) for e in config.rollout.engines]
         self.group: Group | None = None
@@ -124,7 +124,6 @@ class SyncCoordinator:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._pushes: dict[int, asyncio.Task[protocol.PushResult]] = {}
-        self._store_turn = 0
         self._runner: web.AppRunner | None = None
 
     @property
@@ -160,24 +159,21 @@ class SyncCoordinator:
 
     # ---- group ---------------------------------------------------------------------------------------------
 
-    def _open_store(self) -> tuple[Any, int]:
-        """A fresh TCPStore (master) on a socket we bind ourselves: the chosen interface only, no port race."""
-        if self.store_port_base is None:
-            port = 0
-        else:
-            port = self.store_port_base + 1 + self._store_turn % STORE_PORT_WINDOW
-            self._store_turn += 1
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.bind_host, port))
-        sock.listen(128)
-        port = sock.getsockname()[1]
-        fd = sock.detach()
-        store = TCPStore(
-            self.advertised_host, port, None, True, timedelta(seconds=self.spec.timeout_seconds),
-            wait_for_workers=False, master_listen_fd=fd,
-        )  # fmt: skip
-        return store, port
+    def api_url(self) -> str:
+        """The sync API as engines reach it (the advertised host, the port actually bound)."""
+        port = self.api_port
+        if self._runner is not None and self._runner.addresses:
+            port = self._runner.addresses[0][1]
+        return f"http://{self.advertised_host}:{port}"
+
+    def formation_keys(self, incarnation: str) -> formation_store.FormationKeys:
+        """The store of the group now forming as ``incarnation`` (``formation_store``)."""
+        group = self.group
+        if group is None or group.incarnation != incarnation:
+            raise api.SyncError(409, "no sync group is forming under this incarnation")
+        if group.keys is None:
+            raise api.SyncError(409, f"the {self.spec.method} method forms its group without a store")
+        return group.keys
 
     async def _close_group(self) -> None:
         group, self.group = self.group, None
@@ -186,9 +182,10 @@ class SyncCoordinator:
         for task in group.joins:
             task.cancel()
         await asyncio.gather(*group.joins, return_exceptions=True)
+        if group.keys is not None:
+            await group.keys.close("the group was closed")
         shutdowns = (e.post("/shutdown_weight_transfer_engine") for e in self.engines)
         await asyncio.gather(*shutdowns, return_exceptions=True)
-        del group.store
 
     async def _validate(self, metas: list[protocol.TensorMeta]) -> None:
         unknown = [f"tensor {m.name!r} has unsupported dtype {m.dtype!r}" for m in metas
@@ -213,8 +210,7 @@ class SyncCoordinator:
 
     def _group_info(self, group: Group) -> protocol.GroupInfo:
         return protocol.GroupInfo(
-            incarnation=group.incarnation, method=self.spec.method, master_address=self.advertised_host,
-            master_port=group.port, world_size=protocol.rank_layout([e.endpoint.world_size for e in self.engines])[1],
+            incarnation=group.incarnation, method=self.spec.method, world_size=group.world_size,
             bucket_bytes=self.spec.bucket_bytes, timeout_seconds=self.spec.timeout_seconds, dtype=group.dtype,
             checkpoint_path=self.spec.checkpoint_path,
         )  # fmt: skip
@@ -246,41 +242,59 @@ class SyncCoordinator:
             await self._validate(wire)
             await self._close_group()
             incarnation = uuid.uuid4().hex[:12]
-            store, port = self._open_store()
-            group = Group(incarnation, store, port, joins=[], dtype=dtype)
+            slots, world = protocol.rank_layout([e.endpoint.world_size for e in self.engines])
+            group = Group(incarnation, world, joins=[], dtype=dtype)
             self.group = group
             self._hold(trainer)
             if self.spec.method == "checkpoint":
                 group.ready = True  # engines read the shared volume; no process group to form
                 return self._group_info(group)
-            slots, world = protocol.rank_layout([e.endpoint.world_size for e in self.engines])
             chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
-            for engine, slot in zip(self.engines, slots, strict=True):
-                init = {
-                    "master_address": self.advertised_host,
-                    "master_port": port,
+            for slot in slots:
+                init: dict[str, Any] = {
                     "rank_offset": slot.rank_offset,
                     "world_size": world,
                     "incarnation": incarnation,
                     "timeout_seconds": self.spec.timeout_seconds,
                 }
                 if self.spec.method == "gloo":
-                    init["bucket_bytes"] = self.spec.bucket_bytes
-                    init["chunk_bytes"] = chunk_bytes
+                    init.update(store_url=self.api_url(), bucket_bytes=self.spec.bucket_bytes, chunk_bytes=chunk_bytes)
                 else:
                     init.update(packed=True, packed_buffer_size_bytes=self.spec.bucket_bytes)
-                body = {"init_info": init}
-                group.joins.append(
-                    asyncio.create_task(
-                        engine.post("/init_weight_transfer_engine", body, timeout=self.spec.timeout_seconds + 30)
-                    )
-                )
+                group.init_infos.append(init)
+            if self.spec.method == "gloo":
+                group.keys = formation_store.FormationKeys(world)
+                self._start_joins(group)
             return self._group_info(group)
+
+    def _start_joins(self, group: Group) -> None:
+        """Every engine joins at its rank (each blocks in vLLM until the whole group has formed)."""
+        for engine, init in zip(self.engines, group.init_infos, strict=True):
+            body = {"init_info": init}
+            group.joins.append(asyncio.create_task(
+                engine.post("/init_weight_transfer_engine", body, timeout=self.spec.timeout_seconds + 30)))  # fmt: skip
+
+    async def start_nccl(self, incarnation: str, request: protocol.NcclIdRequest, trainer: str = IN_PROCESS) -> None:
+        """The trainer's NCCL unique id: engines join with it (no store, nothing any side deserialises) while the
+        trainer enters ``ncclCommInitRank`` as rank 0."""
+        self._hold(trainer)
+        async with self._lock:
+            group = self._current(incarnation, need_ready=False)
+            if self.spec.method != "nccl":
+                raise api.SyncError(409, f"this job syncs by {self.spec.method}; an NCCL unique id has no use")
+            if group.joins:
+                raise api.SyncError(409, "this group already has its NCCL unique id; form a new group to use another")
+            for init in group.init_infos:
+                init["nccl_unique_id_b64"] = request.nccl_unique_id_b64
+            self._start_joins(group)
 
     async def group_joined(self, incarnation: str, trainer: str = IN_PROCESS) -> None:
         """Wait for every engine's join (the trainer has joined by now); the group is then ready for pushes."""
         self._hold(trainer)
         group = self._current(incarnation, need_ready=False)
+        if not group.joins and self.spec.method == "nccl":
+            raise api.SyncError(409, "no engine has been asked to join yet: post the NCCL unique id first "
+                                     f"(POST /v1/sync/group/{incarnation}/nccl)")  # fmt: skip
         results = await asyncio.gather(*group.joins, return_exceptions=True)
         failures = [f"engine {e.index}: {r}" for e, r in zip(self.engines, results, strict=True)
                     if isinstance(r, BaseException)]  # fmt: skip
@@ -288,6 +302,8 @@ class SyncCoordinator:
             group.broken = "; ".join(failures)
             raise api.SyncError(502, f"engines failed to join the sync group: {group.broken}")
         group.ready = True
+        if group.keys is not None:
+            await group.keys.close("the group has formed")
         self.lease.renew(trainer, time.monotonic())  # joining may take a while: the lease runs from its end
 
     async def leave(self, trainer: str = IN_PROCESS) -> None:

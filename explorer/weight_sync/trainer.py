@@ -21,6 +21,7 @@ Experiences come from the same address: ``experiences(n)`` blocks until ``n`` co
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
@@ -31,7 +32,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch
 
 from explorer import credentials, experience_wire
 from explorer.experience_wire import ExperienceBatch, Position
-from explorer.weight_sync import lease, protocol
+from explorer.weight_sync import formation_store, lease, protocol
 
 log = logging.getLogger(__name__)
 StateLike = torch.nn.Module | Mapping[str, torch.Tensor]
@@ -94,23 +94,6 @@ def _named_tensors(state: StateLike) -> Iterator[tuple[str, torch.Tensor]]:
         yield from state.items()
 
 
-def _gloo_group(address: str, port: int, world_size: int, timeout: float) -> Any:
-    """Rank 0 of a gloo group whose store the coordinator hosts (we are a store client, never its host)."""
-    from torch._C._distributed_c10d import PrefixStore, ProcessGroup, TCPStore
-    from torch.distributed.distributed_c10d import ProcessGroupGloo
-
-    delta = timedelta(seconds=timeout)
-    store = TCPStore(address, port, None, False, delta, wait_for_workers=False)
-    # Engines prefix their keys with the address *string*: it must be the same string on every side.
-    prefixed = PrefixStore(f"tcp://{address}:{port}", store)
-    group = ProcessGroup(prefixed, 0, world_size)
-    backend = ProcessGroupGloo(prefixed, 0, world_size, timeout=delta)
-    backend._set_sequence_number_for_group()
-    group._set_default_backend(ProcessGroup.BackendType.GLOO)
-    group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
-    return group
-
-
 class TrainerClient:
     """Rank 0 of one job's weight-sync group."""
 
@@ -137,12 +120,14 @@ class TrainerClient:
         self.consumer = consumer
         self.last_batch: ExperienceBatch | None = None
         headers = {lease.HEADER: self.trainer_id, **credentials.bearer(token)}
+        self.base_url, self._token = base, token
         self.http = httpx.Client(base_url=base, timeout=timeout, headers=headers)
         self.info: protocol.GroupInfo | None = None
         self._claimed = False
-        self._group: Any = None
+        self._group: formation_store.GlooMember | None = None
         self._comm: Any = None
         self._buffers: list[torch.Tensor] = []
+        self.formation_seconds = 0.0  # rank 0's time in the last gloo group formation (for benchmarks and logs)
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
@@ -223,23 +208,28 @@ class TrainerClient:
         self.info, self._claimed = info, True
         if info.method == "gloo":
             self._reserve_buffers(max(protocol.chunk_bytes(protocol.on_wire(metas, info.dtype), info.bucket_bytes)))
-            self._group = _gloo_group(info.master_address, info.master_port, info.world_size, info.timeout_seconds)
+            # The store is reached at the address this client authenticated to, not one the coordinator names.
+            joining = time.monotonic()
+            self._group = formation_store.gloo_group(self.base_url, info.incarnation, self._token, 0,
+                                                     info.world_size, info.timeout_seconds)  # fmt: skip
+            self.formation_seconds = time.monotonic() - joining
         elif info.method == "nccl":
             self._comm = self._nccl_group(info)
         if info.method != "checkpoint":
             self._post(f"/v1/sync/group/{info.incarnation}/joined")
         return info
 
-    @staticmethod
-    def _nccl_group(info: protocol.GroupInfo) -> Any:
-        from torch._C._distributed_c10d import TCPStore
+    def _nccl_group(self, info: protocol.GroupInfo) -> Any:
+        """Mint the group's NCCL unique id, hand it to the coordinator (which starts the engines' joins with it) and
+        enter the communicator as rank 0 while they do: no store, nothing unpickled."""
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
 
-        store = TCPStore(info.master_address, info.master_port, None, False,
-                         timedelta(seconds=info.timeout_seconds), wait_for_workers=False)  # fmt: skip
-        group = StatelessProcessGroup(rank=0, world_size=info.world_size, store=store)
-        return PyNcclCommunicator(group, device=torch.cuda.current_device())
+        unique_id = bytes(NCCLLibrary().ncclGetUniqueId().internal)
+        self._post(f"/v1/sync/group/{info.incarnation}/nccl",
+                   {"ncclUniqueIdB64": base64.b64encode(unique_id).decode()})  # fmt: skip
+        return PyNcclCommunicator.from_unique_id_bytes(unique_id, rank=0, world_size=info.world_size,
+                                                       device=torch.cuda.current_device())  # fmt: skip
 
     def _leave(self) -> None:
         if self._group is not None:
@@ -311,6 +301,9 @@ class TrainerClient:
             torch.cuda.synchronize()
             return
         plan = protocol.chunks(metas, self.info.bucket_bytes)
+        if self._group is None:
+            raise RuntimeError("no gloo group joined: call setup() first")
+        group = self._group.group
         self._reserve_buffers(max(protocol.chunk_bytes(metas, self.info.bucket_bytes)))
         started = time.monotonic()
         waiting = 0.0
@@ -324,7 +317,7 @@ class TrainerClient:
                 if k + 1 < len(plan):
                     parts = [tensors[i][1] for i in plan[k + 1]]
                     pending = packer.submit(protocol.pack_into, parts, self._buffers[(k + 1) % 2])
-                self._group.broadcast(buffer, 0).wait()
+                group.broadcast(buffer, 0).wait()
         log.info("broadcast %d chunks in %.2f s (%.2f s waiting for packing)", len(plan), time.monotonic() - started,
                  waiting)  # fmt: skip
 

@@ -172,26 +172,19 @@ def _name_rules(b: Budget) -> list[Rule]:
 
 
 def _port_rules() -> list[Rule]:
-    ray, window = builders.RAY_PORT, builders.STORE_PORT_WINDOW
-    sync_max, stores = PORT_MAX - window, f"spec.sync.port .. spec.sync.port+{window}"
-    api, sync = "self.coordinator.apiPort", "self.sync.port"
+    """The coordinator pod serves Ray, its status API and the sync API (groups form over it: no store ports)."""
+    ray, api, sync = builders.RAY_PORT, "self.coordinator.apiPort", "self.sync.port"
     return [
         Rule("spec", f"{api} != {ray}",
              f"spec.coordinator.apiPort must not be {ray}: the coordinator Service also carries Ray on {ray}; "
              "choose another port",
              lambda _, s: s.coordinator.api_port != ray),
-        Rule("spec", f"{sync} <= {sync_max}",
-             f"spec.sync.port must be at most {sync_max}: the coordinator also opens spec.sync.port+1 .. "
-             f"spec.sync.port+{window} for the sync stores",
-             lambda _, s: s.sync.port <= sync_max),
-        Rule("spec", f"{api} < {sync} || {api} > {sync} + {window}",
-             f"spec.coordinator.apiPort must lie outside {stores} (the sync rendezvous and its stores, in the same "
-             "pod); choose ports further apart",
-             lambda _, s: not s.sync.port <= s.coordinator.api_port <= s.sync.port + window),
-        Rule("spec", f"{ray} < {sync} || {ray} > {sync} + {window}",
-             f"{stores} must not include Ray's port {ray} (in the same pod); choose a spec.sync.port outside "
-             f"{ray - window}-{ray}",
-             lambda _, s: not s.sync.port <= ray <= s.sync.port + window),
+        Rule("spec", f"{sync} != {ray}",
+             f"spec.sync.port must not be {ray}: the coordinator pod serves Ray on {ray}; choose another port",
+             lambda _, s: s.sync.port != ray),
+        Rule("spec", f"{api} != {sync}",
+             "spec.coordinator.apiPort and spec.sync.port must differ: the coordinator pod serves both",
+             lambda _, s: s.coordinator.api_port != s.sync.port),
     ]  # fmt: skip
 
 

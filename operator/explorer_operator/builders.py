@@ -461,7 +461,6 @@ def build_desired_pods(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str, d
 TRAINER_LABEL = f"{models.GROUP}/trainer-for"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": OPERATOR_NAME}
-STORE_PORT_WINDOW = 8  # the coordinator opens a fresh store per sync group on sync.port+1 .. sync.port+8
 
 
 def _ports_except(excluded: set[int]) -> list[dict[str, Any]]:
@@ -488,7 +487,7 @@ def build_network_policies(job: JobRef, spec: models.ExplorerJobSpec) -> list[di
         for namespace in spec.sync.trainer_namespaces or [job.namespace]
     ]  # fmt: skip
     operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}
-    sync_ports = [{"protocol": "TCP", "port": spec.sync.port, "endPort": spec.sync.port + STORE_PORT_WINDOW}]
+    sync_ports = [{"protocol": "TCP", "port": spec.sync.port}]  # gloo groups form over the sync API: no store ports
 
     def policy(name: str, selector: dict[str, str], ingress: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"], "ingress": ingress}

@@ -174,7 +174,7 @@ def test_network_policy_admits_only_labelled_trainers_to_the_sync_port(
 
 
 ATTACK_SCRIPT = """
-import json, sys, time, urllib.request, urllib.error
+import json, socket, sys, time, urllib.request, urllib.error
 targets = json.loads(sys.argv[1])
 # A new pod's IP reaches kube-router's ipsets a moment after it starts (refused until then): wait until the open
 # probes answer, so that every row below is the sockets' answer, not the network's.
@@ -191,6 +191,17 @@ for token in (None, "wrong"):
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = "Bearer " + token
+        if method == "TCP":  # is anything listening there at all?
+            host, port = url.rsplit(":", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+                status = "open"
+            except ConnectionRefusedError:
+                status = "refused"
+            except OSError as err:
+                status = "unreachable: " + str(err)
+            print(json.dumps({"socket": name, "token": str(token), "status": status}), flush=True)
+            continue
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
@@ -215,6 +226,8 @@ def test_every_http_socket_of_the_job_refuses_a_pod_with_stolen_labels_and_no_to
     targets = [
         ("sync API", "GET", f"{sync}/v1/sync", None),
         ("sync group", "POST", f"{sync}/v1/sync/group", {"tensors": []}),
+        ("sync store write rank 0", "PUT", f"{sync}/v1/sync/store/any?key=0/0", {"planted": "address"}),
+        ("sync store read", "GET", f"{sync}/v1/sync/store/any?key=0/1", None),
         ("experience stream", "POST", f"{sync}/v1/experiences/read", {"consumer": "thief", "maxExperiences": 1}),
         ("status API", "GET", f"{status_api}/status", None),
         ("engine OpenAI", "POST", f"{engine}/v1/completions", {"model": "tiny", "prompt": "1", "max_tokens": 1}),
@@ -227,9 +240,12 @@ def test_every_http_socket_of_the_job_refuses_a_pod_with_stolen_labels_and_no_to
         ("control: engine /health", "GET", f"{engine}/health", None),
         ("control: status /healthz", "GET", f"{status_api}/healthz", None),
     ]
+    # Where earlier versions listened with a TCPStore (sync.port+1..+8): groups form over the sync API now.
+    sync_port = int(running_job["sync"]["address"].rsplit(":", 1)[1])
+    no_listener = [(f"old store port +{k}", "TCP", f"{coordinator_ip}:{sync_port + k}", None) for k in (1, 8)]
     labels = {builders.JOB_LABEL: JOB, TRAINER_LABEL: JOB}
     pod = pods.python_pod("stolen-labels", ATTACK_SCRIPT, labels=labels)
-    pod["spec"]["containers"][0]["args"] = [json.dumps(targets + controls)]
+    pod["spec"]["containers"][0]["args"] = [json.dumps(targets + controls + no_listener)]
     pods.apply(real_plane, NAMESPACE, pod)
     try:
         pods.wait_phase(real_api, NAMESPACE, "stolen-labels", {"Succeeded", "Failed"}, timeout=180)
@@ -239,9 +255,11 @@ def test_every_http_socket_of_the_job_refuses_a_pod_with_stolen_labels_and_no_to
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     print("\n".join(f"{r['socket']:24} {r['token']:18} {r['status']}" for r in rows))
     outcomes = {(r["socket"], r["token"]): r["status"] for r in rows}
-    assert len(outcomes) == 2 * len(targets + controls), out
+    assert len(outcomes) == 2 * len(targets + controls + no_listener), out
     for (socket_name, token), status in outcomes.items():
-        expected = 200 if socket_name in {c[0] for c in controls} else 401
+        expected: int | str = 200 if socket_name in {c[0] for c in controls} else 401
+        if socket_name in {n[0] for n in no_listener}:
+            expected = "refused"
         assert status == expected, (socket_name, token, status, out)
 
 

@@ -31,7 +31,7 @@ class DyingTrainer(TrainerClient):
             if sent == self.die_after:
                 print(f"dying after {sent} chunks", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._group.broadcast(protocol.pack([tensors[i][1] for i in indexes]), 0).wait()
+            self._group.group.broadcast(protocol.pack([tensors[i][1] for i in indexes]), 0).wait()
 
 
 def main(argv: list[str]) -> int:

@@ -18,13 +18,13 @@ import httpx
 import pytest
 import torch
 
+from explorer import credentials, local_engine, sink
 from explorer import explorer as explorer_mod
-from explorer import local_engine, sink
-from explorer.weight_sync import protocol, versions
+from explorer.weight_sync import formation_store, protocol, versions
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
 from kubeplane import paths
-from tests.auth import trainer_headers
+from tests.auth import job_headers, trainer_headers
 from tests.conftest import free_port
 from tests.runtime import sync_support as support
 from tests.waiting import wait_for
@@ -76,7 +76,7 @@ def test_push_reaches_every_engine_and_matches_hf(
     assert min(served_errors(cpu_engines, tiny_model_dir, new)) > 0.1, "the perturbed weights must be distinguishable"
     with TrainerClient(address(coordinator)) as trainer:
         info = trainer.setup(new)
-        assert info.world_size == 3 and info.master_address == "127.0.0.1"
+        assert info.world_size == 3 and info.method == "gloo"
         first = trainer.push(new)
         assert first.engines_in_sync == first.engines == 2
         assert first.bytes == sum(t.numel() * 4 for t in new.values())
@@ -336,3 +336,44 @@ def test_bad_json_is_a_400_with_a_message(coordinator: SyncCoordinator) -> None:
                               headers=trainer_headers())  # fmt: skip
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"].startswith("invalid request body: body: Invalid JSON")
+
+
+def test_the_group_forms_over_the_authenticated_store_and_nobody_else_can_write_a_rank(
+    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
+) -> None:
+    """No TCPStore: a planted rank-0 address (the way into every engine's receive buffer) is refused from anyone but
+    the trainer, a rank already joined cannot be overwritten, and the store closes once the group has formed."""
+    base = f"http://{address(coordinator)}"
+    state = support.original_state(tiny_model_dir)
+    body = {"tensors": [m.to_wire() for m in protocol.describe(state.items())]}
+    info = protocol.GroupInfo.model_validate(httpx.post(f"{base}/v1/sync/group", json=body, timeout=120,
+                                                        headers=trainer_headers()).json())  # fmt: skip
+    store = f"{base}{formation_store.ROUTE.format(incarnation=info.incarnation)}"
+
+    def put(key: str, headers: dict[str, str]) -> httpx.Response:
+        return httpx.put(store, params={"key": key}, content=b"planted", headers=headers, timeout=30)
+
+    # The engines are joining now: each has written its own rank's key (gloo's address record) and waits for rank 0.
+    engine_key = httpx.get(store, params={"key": "0/1", "wait": "20"}, headers=job_headers(), timeout=60)
+    assert engine_key.status_code == 200 and len(engine_key.content) > 16, engine_key.text
+    assert put("0/0", {}).status_code == 401
+    assert put("0/0", {"Authorization": "Bearer wrong"}).status_code == 401
+    assert put("0/0", job_headers()).status_code == 403, "job-token holders (workflow code) cannot pose as rank 0"
+    assert put("0/1", job_headers()).status_code == 409, "a rank already joined cannot be replaced"
+    assert put("0/2", trainer_headers()).status_code == 403, "the trainer cannot pose as an engine"
+    assert httpx.get(store, params={"key": "0/1"}, timeout=30).status_code == 401, "nor read without a token"
+
+    member = formation_store.gloo_group(base, info.incarnation, credentials.trainer_tokens()[0], 0, info.world_size,
+                                        info.timeout_seconds)  # fmt: skip
+    try:
+        joined = httpx.post(f"{base}/v1/sync/group/{info.incarnation}/joined", headers=trainer_headers(), timeout=120)
+        assert joined.status_code == 200, joined.text
+        after = put("0/0", trainer_headers())
+        assert after.status_code == 409 and "closed" in after.json()["error"], after.text
+        assert httpx.get(store, params={"key": "0/1"}, headers=job_headers(), timeout=30).status_code == 409
+    finally:
+        member.shutdown()
+        httpx.post(f"{base}/v1/sync/leave", json={}, headers=trainer_headers(), timeout=30)  # hand the group back
+    with TrainerClient(address(coordinator)) as trainer:  # the engines form the next group as usual
+        assert trainer.push(state).engines_in_sync == 2
+    assert max(served_errors(cpu_engines, tiny_model_dir, state)) < TOLERANCE

@@ -191,9 +191,9 @@ def test_network_policies_admit_own_pods_trainers_on_transfer_ports_and_never_th
         return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
                 "podSelector": {"matchLabels": {builders.TRAINER_LABEL: "rl"}}}  # fmt: skip
 
-    # Trainers of the job's own namespace only: a pod labelled trainer-for=rl elsewhere is not admitted.
-    assert sync_rules[0] == {"from": [trainers_in("team")], "ports": [{"protocol": "TCP", "port": s.sync.port,
-                                                                     "endPort": s.sync.port + 8}]}  # fmt: skip
+    # Trainers of the job's own namespace only: a pod labelled trainer-for=rl elsewhere is not admitted; only the
+    # sync API itself (groups form over it: no store ports).
+    assert sync_rules[0] == {"from": [trainers_in("team")], "ports": [{"protocol": "TCP", "port": s.sync.port}]}
     assert policies["rl-engine-transfer"]["ingress"][0]["from"] == [trainers_in("team")]
     wider = spec(sync={"trainerNamespaces": ["training", "team"]})
     wider_rules = {p["metadata"]["name"]: p["spec"] for p in builders.build_network_policies(JOB, wider)}
