@@ -32,9 +32,7 @@ from explorer.workflows import Task
 class InstantModel:
     """Benchmark-only engine: answers at once with fixed tokens."""
 
-    async def generate(
-        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
-    ) -> list[inference.Completion]:
+    async def generate(self, prompt: str, *, n: int = 1, **_: Any) -> list[inference.Completion]:
         return [inference.Completion([1, 2, 3], [4, 5], [-0.1, -0.2], "42", "stop") for _ in range(n)]
 
     async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> list[inference.Completion]:

@@ -83,6 +83,52 @@ class WorkflowSpec(WireModel):
     args: dict[str, Any] = Field(default_factory=dict, description="Workflow arguments.")
     temperature: float = Field(default=1.0, ge=0, le=10, description="Sampling temperature.")
     max_tokens: int = Field(default=1024, ge=1, description="Maximum generated tokens per response.")
+    top_p: float = Field(
+        default=1.0, gt=0, le=1, description="Nucleus sampling: smallest set of tokens with this mass."
+    )
+    top_k: int | None = Field(default=None, ge=1, description="Sample among the k most likely tokens (unset: all).")
+    min_p: float = Field(default=0.0, ge=0, le=1, description="Drop tokens below this fraction of the top one's p.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=16, description="Strings that end a response (not included in it)."
+    )
+    min_tokens: int = Field(default=0, ge=0, description="Tokens generated before EOS or a stop string may end it.")
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10, description="> 1 discourages repeated tokens.")
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="OpenAI presence penalty.")
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="OpenAI frequency penalty.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="Base sampling seed (a run batch gets seed + its first run id); unset: random.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Longer prompts keep their last N tokens (vLLM truncate_prompt_tokens)."
+    )
+    system_prompt: str | None = Field(default=None, description="System message the math and chat workflows prepend.")
+    chat_template: bool = Field(
+        default=True,
+        description="math: apply the model's chat template (a user turn); false sends the raw prompt as a completion.",
+    )
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> WorkflowSpec:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"minTokens ({self.min_tokens}) must not exceed maxTokens ({self.max_tokens})")
+        return self
+
+    def sampling(self) -> dict[str, Any]:
+        """The vLLM request parameters besides n, max_tokens, temperature and seed (defaults left out)."""
+        params: dict[str, Any] = {"top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                                  "stop": self.stop or None, "min_tokens": self.min_tokens,
+                                  "repetition_penalty": self.repetition_penalty,
+                                  "presence_penalty": self.presence_penalty,
+                                  "frequency_penalty": self.frequency_penalty,
+                                  "truncate_prompt_tokens": self.max_prompt_tokens}  # fmt: skip
+        defaults = {"top_p": 1.0, "min_p": 0.0, "min_tokens": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}  # fmt: skip
+        return {k: v for k, v in params.items() if v is not None and defaults.get(k, object()) != v}
+
+    def seed_for(self, run_id_base: int) -> int | None:
+        return None if self.seed is None else self.seed + run_id_base
 
 
 StepTimeoutPolicy = Literal["commit", "wait"]

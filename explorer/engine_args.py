@@ -37,6 +37,9 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
     weight_sync: str | None = None
+    # Logprobs of the distribution actually sampled (after temperature, penalties, top-k/p), as RL needs: vLLM's
+    # default (raw) differs from it whenever temperature != 1. Trinity-RFT asks for the same.
+    logprobs_mode: str = "processed_logprobs"
     extra_args: Sequence[str] = ()
 
 
@@ -49,6 +52,7 @@ def build_vllm_serve_args(args: EngineArgs) -> list[str]:
         "--port", str(args.port),
         "--dtype", args.dtype,
         "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--logprobs-mode", args.logprobs_mode,
     ]  # fmt: skip
     optional = {
         "--max-model-len": args.max_model_len,

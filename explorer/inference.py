@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -35,7 +35,14 @@ class InferenceModel(Protocol):
     """What workflows call. ``n`` samples share one prompt (vLLM shares its prefill)."""
 
     async def generate(
-        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]: ...
 
     async def chat(
@@ -46,6 +53,7 @@ class InferenceModel(Protocol):
         max_tokens: int = 256,
         temperature: float = 1.0,
         seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]: ...
 
     async def close(self) -> None: ...
@@ -56,6 +64,19 @@ RETRY_DOWN_AFTER = engine_load.RETRY_DOWN_AFTER
 
 class EngineUnavailableError(RuntimeError):
     """No engine of the pool answered."""
+
+
+SAMPLING_PARAMS = frozenset({"top_p", "top_k", "min_p", "stop", "min_tokens", "repetition_penalty", "presence_penalty",
+                             "frequency_penalty", "truncate_prompt_tokens", "ignore_eos"})  # fmt: skip
+
+
+def sampling_params(sampling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``sampling`` checked against the vLLM parameters a workflow may set (never the ones this client owns: the
+    model, the prompt, ``n``, logprobs and token ids)."""
+    unknown = sorted(set(sampling or {}) - SAMPLING_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown sampling parameters {unknown}; allowed: {sorted(SAMPLING_PARAMS)}")
+    return dict(sampling or {})
 
 
 def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
@@ -97,10 +118,17 @@ class OpenAIEngine:
             self.outstanding -= 1
 
     async def generate(
-        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         body = {"model": self.model, "prompt": prompt, "n": n, "max_tokens": max_tokens, "temperature": temperature,
-                "logprobs": 0, "return_token_ids": True, "seed": seed}  # fmt: skip
+                "logprobs": 0, "return_token_ids": True, "seed": seed, **sampling_params(sampling)}  # fmt: skip
         data = await self._post("/v1/completions", body)
         return [_completion(c, []) for c in sorted(data["choices"], key=lambda c: c["index"])]
 
@@ -112,9 +140,11 @@ class OpenAIEngine:
         max_tokens: int = 256,
         temperature: float = 1.0,
         seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         body = {"model": self.model, "messages": list(messages), "n": n, "max_tokens": max_tokens,
-                "temperature": temperature, "logprobs": True, "return_token_ids": True, "seed": seed}  # fmt: skip
+                "temperature": temperature, "logprobs": True, "return_token_ids": True, "seed": seed,
+                **sampling_params(sampling)}  # fmt: skip
         data = await self._post("/v1/chat/completions", body)
         prompt_ids = data.get("prompt_token_ids") or []
         return [_completion(c, prompt_ids) for c in sorted(data["choices"], key=lambda c: c["index"])]
@@ -174,9 +204,17 @@ class EnginePool:
         raise EngineUnavailableError("no engine answered: " + "; ".join(errors))
 
     async def generate(
-        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
-        return await self.routed().generate(prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return await self.routed().generate(prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                            sampling=sampling)  # fmt: skip
 
     async def chat(
         self,
@@ -186,8 +224,10 @@ class EnginePool:
         max_tokens: int = 256,
         temperature: float = 1.0,
         seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
-        return await self.routed().chat(messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        return await self.routed().chat(messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                        sampling=sampling)  # fmt: skip
 
     async def close(self) -> None:
         for engine in self.engines:
@@ -203,10 +243,25 @@ class RoutedPool:
         self.failed: set[int] = set()
 
     async def generate(
-        self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0, seed: int | None = None
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         result: list[Completion] = await self.pool.call(
-            self.order, self.failed, "generate", prompt, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed
+            self.order,
+            self.failed,
+            "generate",
+            prompt,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            sampling=sampling,
         )
         return result
 
@@ -218,9 +273,18 @@ class RoutedPool:
         max_tokens: int = 256,
         temperature: float = 1.0,
         seed: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         result: list[Completion] = await self.pool.call(
-            self.order, self.failed, "chat", messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed
+            self.order,
+            self.failed,
+            "chat",
+            messages,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            sampling=sampling,
         )
         return result
 

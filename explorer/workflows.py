@@ -47,16 +47,32 @@ def _experiences(task: Task, completions: list[Completion], reward: Any, run_id_
     ]
 
 
+def sampled(spec: config.WorkflowSpec, run_id_base: int) -> dict[str, Any]:
+    """The sampling keywords of ``InferenceModel.generate``/``chat`` for one run batch of ``spec``."""
+    return {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": spec.seed_for(run_id_base),
+            "sampling": spec.sampling()}  # fmt: skip
+
+
+def with_system(messages: list[dict[str, str]], spec: config.WorkflowSpec) -> list[dict[str, str]]:
+    """``spec.systemPrompt`` first, unless the conversation already opens with a system message."""
+    if spec.system_prompt is None or (messages and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": spec.system_prompt}, *messages]
+
+
 class MathWorkflow:
-    """One prompt, ``repeat_times`` samples in one request, reward 1 for the right final answer."""
+    """One prompt, ``repeat_times`` samples in one request, reward 1 for the right final answer. The prompt goes
+    through the model's chat template as a user turn (after ``systemPrompt``), or raw with ``chatTemplate: false``."""
 
     def __init__(self, spec: config.WorkflowSpec):
         self.spec = spec
 
     async def run(self, task: Task, model: InferenceModel, repeat_times: int, run_id_base: int) -> list[Experience]:
-        completions = await model.generate(
-            task.prompt, n=repeat_times, max_tokens=self.spec.max_tokens, temperature=self.spec.temperature
-        )
+        if self.spec.chat_template:
+            completions = await model.chat(with_system([{"role": "user", "content": task.prompt}], self.spec),
+                                           n=repeat_times, **sampled(self.spec, run_id_base))  # fmt: skip
+        else:
+            completions = await model.generate(task.prompt, n=repeat_times, **sampled(self.spec, run_id_base))
         return _experiences(task, completions, lambda text: rewards.math_reward(text, task.reference), run_id_base)
 
 
@@ -67,10 +83,8 @@ class ChatWorkflow:
         self.spec = spec
 
     async def run(self, task: Task, model: InferenceModel, repeat_times: int, run_id_base: int) -> list[Experience]:
-        messages = list(task.messages) or [{"role": "user", "content": task.prompt}]
-        completions = await model.chat(
-            messages, n=repeat_times, max_tokens=self.spec.max_tokens, temperature=self.spec.temperature
-        )
+        messages = with_system(list(task.messages) or [{"role": "user", "content": task.prompt}], self.spec)
+        completions = await model.chat(messages, n=repeat_times, **sampled(self.spec, run_id_base))
         return _experiences(task, completions, lambda text: rewards.math_reward(text, task.reference), run_id_base)
 
 
