@@ -50,6 +50,7 @@ bench: controlplane
 	$(PY) bench/operator_scale.py
 	$(PY) bench/scheduler.py --engines
 	$(PY) bench/weight_sync.py
+	$(PY) bench/experience_stream.py
 
 clean:
 	rm -rf .cache/kubeplane .mypy_cache .ruff_cache .pytest_cache

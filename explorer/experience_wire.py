@@ -114,12 +114,16 @@ def encode(rows: list[tuple[int, int, Experience]], info: BatchInfo) -> bytes:
     import pyarrow as pa
 
     schema = _schema().with_metadata({METADATA_KEY: info.model_dump_json(by_alias=True).encode()})
-    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
-    for step, index, exp in rows:
-        values = {**dataclasses.asdict(exp), "step": step, "index": index, "info": json.dumps(exp.info),
-                  "mask": [i >= exp.prompt_length for i in range(len(exp.tokens))]}  # fmt: skip
-        for name, column in columns.items():
-            column.append(values[name])
+    experiences = [exp for _, _, exp in rows]
+    # Column by column from the experiences' own lists (no per-row dict copies): encoding dominated a read before.
+    columns: dict[str, list[Any]] = {
+        "step": [step for step, _, _ in rows], "index": [index for _, index, _ in rows],
+        "info": [json.dumps(e.info) for e in experiences],
+        "mask": [[False] * e.prompt_length + [True] * (len(e.tokens) - e.prompt_length) for e in experiences],
+    }  # fmt: skip
+    for name in schema.names:
+        if name not in columns:
+            columns[name] = [getattr(e, name) for e in experiences]
     batch = pa.record_batch([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:

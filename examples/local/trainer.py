@@ -5,7 +5,7 @@ makes a toy update of the tiny model's weights (a seeded redraw, so anyone can r
 pushes it to every engine of the job through ``TrainerClient``; after the last push it reads what the explorer
 still produces until the stream is finished. One JSON line per read and per push. A real trainer replaces
 ``toy_update`` with its optimizer step on the batch. Run it in a pod labelled ``explorer.rft.dev/trainer-for=<job>``
-(the job's NetworkPolicy admits only such pods to the sync ports), with ``EXPLORER_SYNC_TOKEN`` set from key
+(the job's NetworkPolicy admits only such pods to the sync port), with ``EXPLORER_SYNC_TOKEN`` set from key
 ``trainer-token`` of the job's Secret ``<job>-credentials`` (every sync route refuses a caller without it)::
 
     EXPLORER_SYNC_TOKEN="$(kubectl get secret cpu-tiny-credentials -o jsonpath='{.data.trainer-token}' | base64 -d)" \
