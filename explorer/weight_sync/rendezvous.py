@@ -419,8 +419,8 @@ class SyncCoordinator:
         mode = self.spec.generation_during_sync
 
         async def one(engine: EngineDriver) -> bool:
-            await engine.post(f"/pause?mode={mode}", timeout=self.spec.timeout_seconds)
             try:
+                await engine.post(f"/pause?mode={mode}", timeout=self.spec.timeout_seconds)
                 await finish(engine)
                 await engine.post("/reset_prefix_cache")
                 return True
@@ -428,10 +428,21 @@ class SyncCoordinator:
                 log.error("engine %s failed to apply the new weights: %s", engine.index, err)
                 return False
             finally:
-                await engine.post("/resume")
+                # Always, also when the pause itself timed out here: the engine may have paused after we gave up.
+                await self._resume(engine)
 
         results = await asyncio.gather(*(one(e) for e in self.engines), return_exceptions=True)
         return [r is True for r in results]
+
+    async def _resume(self, engine: EngineDriver) -> None:
+        for attempt in range(3):
+            try:
+                await engine.post("/resume", timeout=self.spec.timeout_seconds)
+                return
+            except (api.SyncError, httpx.HTTPError) as err:
+                log.error("engine %s did not resume (attempt %d of 3): %s", engine.index, attempt + 1, err)
+                self.last_error = f"engine {engine.index} did not resume after a weight update: {err}"
+                await asyncio.sleep(1.0)
 
     async def _record(
         self, version: int, applied: list[bool], nbytes: int, started: float, receive_seconds: float

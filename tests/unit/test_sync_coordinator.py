@@ -8,6 +8,7 @@ same against real engines.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -373,5 +374,78 @@ def test_a_damaged_ledger_refuses_pushes_naming_the_file_but_the_coordinator_ser
                 await asyncio.to_thread(trainer.push, STATE)
             assert refused.value.status == 500
         assert sync.version is None
+
+    serve(sync, scenario=scenario)
+
+
+class RecordingEngine(FakeEngine):
+    """A fake engine that keeps every init info it got and every route it was sent, optionally failing one route."""
+
+    def __init__(self, index: int, fail: str | None = None):
+        super().__init__(index)
+        self.inits: list[dict[str, Any]] = []
+        self.posted: list[str] = []
+        self.fail = fail
+
+    async def post(self, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        self.posted.append(path.partition("?")[0])
+        if self.fail and path.startswith(self.fail):
+            raise httpx.ReadTimeout(f"{path} timed out")
+        if path == "/init_weight_transfer_engine" and body:
+            self.inits.append(body["init_info"])
+        return await super().post(path, body, timeout)
+
+
+def test_nccl_groups_form_from_the_trainers_unique_id_with_no_store(tmp_path: Path) -> None:
+    engines = [RecordingEngine(0), RecordingEngine(1)]
+    sync = coordinator(tmp_path, "nccl", engines=engines)  # type: ignore[arg-type]
+    unique_id = base64.b64encode(bytes(range(128))).decode()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync), headers=trainer_headers()) as http:
+            info = (await http.post("/v1/sync/group", json={"tensors": metas()})).json()
+            group = f"/v1/sync/group/{info['incarnation']}"
+            assert info["method"] == "nccl" and "masterPort" not in info and "masterAddress" not in info
+            assert not any(e.inits for e in engines), "no engine joins before the trainer has minted the id"
+            early = await http.post(f"{group}/joined")
+            assert early.status_code == 409 and "post the NCCL unique id first" in early.json()["error"]
+            bad = await http.post(f"{group}/nccl", json={"ncclUniqueIdB64": base64.b64encode(bytes(16)).decode()})
+            assert bad.status_code == 400 and "an NCCL unique id has 128" in bad.json()["error"]
+            job = await http.post(
+                f"{group}/nccl", json={"ncclUniqueIdB64": unique_id}, headers=credentials.job_headers()
+            )
+            assert job.status_code == 401, "only the trainer hands the id over"
+            assert (await http.post(f"{group}/nccl", json={"ncclUniqueIdB64": unique_id})).status_code == 200
+            again = await http.post(f"{group}/nccl", json={"ncclUniqueIdB64": unique_id})
+            assert again.status_code == 409, "one id per group"
+            assert (await http.post(f"{group}/joined")).status_code == 200
+            store = await http.get(f"/v1/sync/store/{info['incarnation']}", params={"key": "0/1"})
+            assert store.status_code == 409 and "without a store" in store.json()["error"]
+        for engine in engines:
+            (init,) = engine.inits
+            assert init["nccl_unique_id_b64"] == unique_id
+            assert "master_address" not in init and "master_port" not in init and "store_url" not in init
+        assert [e.inits[0]["rank_offset"] for e in engines] == [1, 2]
+
+    serve(sync, scenario=scenario)
+
+
+def test_an_engine_whose_pause_times_out_is_resumed_and_keeps_its_version(tmp_path: Path) -> None:
+    engines = [RecordingEngine(0), RecordingEngine(1, fail="/pause")]
+    sync = coordinator(tmp_path, engines=engines)  # type: ignore[arg-type]
+    (tmp_path / "shared" / "v").mkdir(parents=True)
+    (tmp_path / "shared" / "v" / "model.safetensors").write_bytes(b"x")  # the fake engines read nothing
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url(sync), headers=trainer_headers()) as http:
+            info = (await http.post("/v1/sync/group", json={"tensors": metas()})).json()
+            pushed = await http.post(
+                "/v1/sync/checkpoint",
+                json={"incarnation": info["incarnation"], "checkpointDir": str(tmp_path / "shared" / "v")},
+            )
+            assert pushed.status_code == 200, pushed.text
+        assert pushed.json()["enginesInSync"] == 1
+        assert engines[1].posted[-2:] == ["/pause", "/resume"], "a pause that failed here is still resumed"
+        assert engines[1].version is None and engines[0].version == str(sync.version)
 
     serve(sync, scenario=scenario)
