@@ -32,14 +32,28 @@ class EngineLoad:
         self.outstanding = [0] * size
         self.dispatched = [0] * size  # sub-tasks ever assigned to each engine (for metrics and benchmarks)
         self.down_until = [-math.inf] * size
+        self.serving = [True] * size  # at the job's policy version (``set_serving``): the only ones dispatched to
+        self.versions: list[str | None] | None = None  # what each engine serves, once the explorer knows
         self._next = 0  # where ties start: the engine after the last one chosen
 
     def down(self, now: float) -> list[bool]:
         return [now < until for until in self.down_until]
 
+    def set_serving(self, serving: Sequence[bool], versions: Sequence[str | None] | None = None) -> None:
+        """Which engines serve the job's current policy version (the others leave the rotation until they do), and
+        the version each serves (recorded on the experiences it produces)."""
+        if len(serving) != len(self.serving) or (versions is not None and len(versions) != len(serving)):
+            raise ValueError(f"{len(self.serving)} engines but {len(serving)} serving flags")
+        self.serving = list(serving)
+        self.versions = list(versions) if versions is not None else None
+
     def acquire(self, now: float) -> tuple[int, ...]:
-        """Choose an engine for one request (the first of the returned order) and count it as outstanding."""
+        """Choose an engine for one request (the first of the returned order) and count it as outstanding.
+
+        The order holds only engines at the current version; when none is (every engine restarted, say), all of
+        them, so exploring goes on and each experience carries the version its engine reports."""
         order = build_order(self.outstanding, self.down(now), self._next)
+        order = [i for i in order if self.serving[i]] or order
         chosen = order[0]
         self.outstanding[chosen] += 1
         self.dispatched[chosen] += 1

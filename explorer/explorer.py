@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,9 @@ class Explorer:
         self.sync_hook = sync_hook
         self.sync = sync
         self._applied_versions: list[int] = []
+        self.scheduler: scheduler_mod.Scheduler | None = None
         if sync is not None:
-            sync.on_version = self._applied_versions.append
+            sync.on_version = self._on_version
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
         self.sink = sink.ExperienceSink(Path(config.experiences.path), config.experiences.format)
         self.stream = ExperienceStream(self.sink, config.experiences, config.explore.total_steps)
@@ -143,8 +144,7 @@ class Explorer:
         tasks, self.row_errors = taskset.load_taskset(self.config.taskset)
         evals = [(t.name, taskset.load_taskset(t, is_eval=True)[0]) for t in self.config.explore.eval_tasksets]
         state = self._resume_state()
-        sched = scheduler_mod.Scheduler(self.config, self.config.rollout, self.config.auxiliary)
-        await sched.start()
+        sched = await self._start_scheduler()
         self.report = self.report.model_copy(update={"phase": "Running", "step": state.step})
         written = 0
         if self.sync is not None:
@@ -244,12 +244,18 @@ class Explorer:
         return dataclasses.replace(state, sync_baseline=self._sync_baseline(state))
 
     def _stamp_versions(self, experiences: list[Experience], start_version: int | None, mark: int) -> int | None:
-        """Record on each experience the version its step started on and every version applied while it ran."""
+        """Record on each experience the version its step started on and every version applied while it ran; an
+        experience from an engine at another version (``follow_served_versions``: when none was at the job's) gets
+        the version that engine served (None: the base weights)."""
         during = [start_version] if start_version is not None else []
         during += [v for v in self._applied_versions[mark:] if v not in during]
         for exp in experiences:
             exp.policy_version = start_version
             exp.policy_versions = list(during)
+            served = exp.info.get("engine_version", str(start_version))
+            if served != str(start_version):  # no engine was at the version: say what this one served
+                exp.policy_version = int(served) if isinstance(served, str) and served.isdigit() else None
+                exp.policy_versions = [exp.policy_version] if exp.policy_version is not None else []
         return start_version
 
     async def _collect(
@@ -327,6 +333,51 @@ class Explorer:
 
     def _served_version(self) -> int | None:
         return self.sync.version if self.sync is not None else self.policy_version
+
+    async def _start_scheduler(self) -> scheduler_mod.Scheduler:
+        sched = scheduler_mod.Scheduler(self.config, self.config.rollout, self.config.auxiliary)
+        await sched.start()
+        self.scheduler = sched
+        if self.sync is not None:
+            self.follow_served_versions(self.sync.engine_versions)
+        return sched
+
+    def _on_version(self, version: int) -> None:
+        self._applied_versions.append(version)
+        if self.sync is not None:
+            self.follow_served_versions(self.sync.engine_versions)
+
+    def follow_served_versions(self, served: Sequence[str | None]) -> list[int]:
+        """Dispatch only to engines serving the job's policy version (a restarted engine serves the base weights;
+        one that failed to apply a push, the previous version); returns the engines left out. Before the first
+        push, and when no engine is at the version, every engine serves (``EngineLoad.acquire``)."""
+        load = self.scheduler.engine_load if self.scheduler is not None else None
+        current = self.sync.version if self.sync is not None else None
+        if load is None or current is None or len(served) != len(load.serving):
+            return []
+        serving = [version == str(current) for version in served]
+        if serving != load.serving:
+            left_out = [i for i, ok in enumerate(serving) if not ok]
+            log.warning("engines at policy version %s: %s; left out of the rotation until they serve it: %s",
+                        current, [i for i, ok in enumerate(serving) if ok], left_out or "none")  # fmt: skip
+        load.set_serving(serving, served)
+        return [i for i, ok in enumerate(serving) if not ok]
+
+    def version_mark(self) -> tuple[int, bool]:
+        """Pushes so far and whether one is under way: a probe taken across a change must not decide the rotation."""
+        return (self.sync.syncs, self.sync.pushing) if self.sync is not None else (0, False)
+
+    def observe_engines(
+        self, engines: list[status_api.EngineState], mark: tuple[int, bool]
+    ) -> list[status_api.EngineState]:
+        """Probed engines (``probe_engines``, taken after ``version_mark`` gave ``mark``): the versions they serve
+        decide the rotation (an engine that restarted comes back on the base weights), each marked in or out."""
+        sync = self.sync
+        if sync is None or mark[1] or self.version_mark() != mark or len(engines) != len(sync.engine_versions):
+            return engines
+        sync.engine_versions = [e.policy_version if e.healthy else None for e in engines]
+        left_out = set(self.follow_served_versions(sync.engine_versions))
+        return [e.model_copy(update={"in_rotation": e.index not in left_out}) for e in engines]
 
     def _need_sync_coordinator(self) -> SyncCoordinator:
         if self.sync is None:
@@ -423,8 +474,10 @@ async def serve_and_explore(
             while True:
                 if asyncio.get_running_loop().time() - last_probe >= probe_seconds:
                     last_probe = asyncio.get_running_loop().time()
-                    probed = {"engines": await probe_engines(explorer.config, http),
-                              "ray_nodes": await asyncio.to_thread(alive_ray_nodes)}  # fmt: skip
+                    engines = explorer.observe_engines(
+                        await probe_engines(explorer.config, http), explorer.version_mark()
+                    )
+                    probed = {"engines": engines, "ray_nodes": await asyncio.to_thread(alive_ray_nodes)}
                 server.report = explorer.current_report().model_copy(update=probed)
                 await asyncio.sleep(0.2)
 

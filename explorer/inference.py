@@ -169,7 +169,8 @@ class EnginePool:
         return cls([OpenAIEngine(url, model, transport=transport) for url in urls], first)
 
     def routed(self, order: Sequence[int] = ()) -> RoutedPool:
-        """One task's view: its requests try ``order`` (indices into ``engines``) first; empty: the pool's choice."""
+        """One task's view: its requests try ``order`` (indices into ``engines``) and only those engines (the
+        scheduler leaves out engines at another policy version); empty: the pool's choice, every engine."""
         return RoutedPool(self, order)
 
     def down(self) -> list[bool]:
@@ -177,30 +178,44 @@ class EnginePool:
         now = time.monotonic()
         return [now - e.failed_at < RETRY_DOWN_AFTER for e in self.engines]
 
-    def order(self, preferred: Sequence[int] = ()) -> list[int]:
-        """Engines to try: ``preferred`` first (down ones last), the rest after; else least outstanding here."""
+    def order(self, preferred: Sequence[int] = (), exclusive: bool = False) -> list[int]:
+        """Engines to try: ``preferred`` first (down ones last), the rest after unless ``exclusive``; else least
+        outstanding here."""
         down = self.down()
         if not preferred:
             order = engine_load.build_order([e.outstanding for e in self.engines], down, self._next)
             self._next = (order[0] + 1) % len(self.engines)
             return order
         known = list(dict.fromkeys(i for i in preferred if 0 <= i < len(self.engines)))
-        rest = [i for i in range(len(self.engines)) if i not in known]
+        rest = [] if exclusive else [i for i in range(len(self.engines)) if i not in known]
         return sorted(known + rest, key=lambda i: down[i])  # stable: the caller's order among healthy engines
 
-    async def call(self, order: Sequence[int], failed: set[int], method: str, *args: Any, **kwargs: Any) -> Any:
-        """``method`` on the first engine of ``self.order(order)`` that answers; those that failed go in ``failed``."""
+    async def call(
+        self,
+        order: Sequence[int],
+        failed: set[int],
+        method: str,
+        *args: Any,
+        answered: list[int] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``method`` on the first engine of ``self.order(order)`` that answers; those that failed go in ``failed``,
+        the one that answered in ``answered``."""
         errors = []
-        for index in self.order(order):
+        for index in self.order(order, exclusive=bool(order)):
             engine = self.engines[index]
             try:
-                return await getattr(engine, method)(*args, **kwargs)
+                result = await getattr(engine, method)(*args, **kwargs)
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
                 if isinstance(err, httpx.HTTPStatusError) and err.response.status_code < 500:
                     raise  # the request itself is wrong: another engine would say the same
                 engine.failed_at = time.monotonic()
                 failed.add(index)
                 errors.append(f"{engine.base_url}: {err!r}")
+                continue
+            if answered is not None:
+                answered.append(index)
+            return result
         raise EngineUnavailableError("no engine answered: " + "; ".join(errors))
 
     async def generate(
@@ -235,12 +250,14 @@ class EnginePool:
 
 
 class RoutedPool:
-    """An ``EnginePool`` as one task sees it: the scheduler's engine order, and the engines that failed it."""
+    """An ``EnginePool`` as one task sees it: the scheduler's engine order, the engines that failed it and those
+    that answered it (in order of the calls)."""
 
     def __init__(self, pool: EnginePool, order: Sequence[int]):
         self.pool = pool
         self.order = tuple(order)
         self.failed: set[int] = set()
+        self.answered: list[int] = []
 
     async def generate(
         self,

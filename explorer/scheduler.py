@@ -293,8 +293,10 @@ class Scheduler:
             job.add_done_callback(batch.running.discard)
 
     async def _run(self, runner: RunnerWrapper, sub: TaskWrapper, batch: _Batch) -> None:
+        versions = None
         if self.engine_load is not None:  # here, not in _dispatch: a job cancelled before it starts holds nothing
             sub.engine_order = self.engine_load.acquire(time.monotonic())
+            versions = self.engine_load.versions  # replaced, never mutated: this is the picture at dispatch
         try:
             status, experiences = await runner.run_once(sub)  # raises nothing but CancelledError
         finally:
@@ -313,6 +315,10 @@ class Scheduler:
             return
         for exp in experiences:
             exp.batch_id = str(sub.batch_id)
+            if status.served_by:
+                exp.info["engine"] = status.served_by[-1]
+                if versions is not None:
+                    exp.info["engine_version"] = versions[status.served_by[-1]]
         result = batch.tasks[sub.index]
         result.runs.append((status, sub.repeat_times))
         result.experiences.extend(experiences)

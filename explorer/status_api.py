@@ -26,6 +26,9 @@ class EngineState(WireModel):
     url: str
     healthy: bool
     policy_version: str | None = Field(default=None, description="The weight version the engine reports serving.")
+    in_rotation: bool | None = Field(
+        default=None, description="Whether runners dispatch to it (only engines at the job's policy version do)."
+    )
 
 
 class CoordinatorReport(WireModel):

@@ -27,6 +27,7 @@ class Status:
     metric: dict[str, float]
     message: str | None = None
     failed_engines: tuple[int, ...] = ()  # rollout engines (indices) that failed a request of this attempt
+    served_by: tuple[int, ...] = ()  # rollout engines that answered this attempt's requests, distinct, in order
 
 
 ModelRef = inference.InferenceModel | config.EngineGroupConfig
@@ -73,6 +74,10 @@ def _failed(model: inference.InferenceModel) -> tuple[int, ...]:
     return tuple(sorted(model.failed)) if isinstance(model, inference.RoutedPool) else ()
 
 
+def _served_by(model: inference.InferenceModel) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(model.answered)) if isinstance(model, inference.RoutedPool) else ()
+
+
 class WorkflowRunner:
     """Holds the inference clients and the workflow; one task at a time per call (calls may overlap)."""
 
@@ -104,7 +109,8 @@ class WorkflowRunner:
         metric["run_seconds"] = time.monotonic() - started
         done = repeat_times - len(missing)
         incomplete = f"{done}/{repeat_times} runs completed (no experience for run ids {missing})"
-        return Status(not missing, metric, incomplete if missing else None, _failed(model)), experiences
+        status = Status(not missing, metric, incomplete if missing else None, _failed(model), _served_by(model))
+        return status, experiences
 
     def ping(self) -> int | None:
         return self.runner_id

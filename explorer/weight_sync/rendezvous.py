@@ -110,6 +110,7 @@ class SyncCoordinator:
         self.group: Group | None = None
         self.version: int | None = None
         self.engines_in_sync: int | None = None
+        self.engine_versions: list[str | None] = [None] * len(self.engines)  # what each engine serves, as last known
         self.syncs = 0  # pushes applied over the job's life: recorded with the versions, read back at start
         self.last_sync_time: str | None = None
         self.last_sync_duration: float | None = None
@@ -136,6 +137,7 @@ class SyncCoordinator:
         """Serve the API; adopt the version the engines already serve (a restarted coordinator resumes it) and the
         newest one recorded in the state directory (no push gets one at or below it)."""
         served = await asyncio.gather(*(e.weight_version() for e in self.engines), return_exceptions=True)
+        self.engine_versions = [v if isinstance(v, str) else None for v in served]
         known = {v for v in served if isinstance(v, str) and v.isdigit()}
         if len(known) == 1:
             self.version = int(known.pop())
@@ -214,6 +216,10 @@ class SyncCoordinator:
             bucket_bytes=self.spec.bucket_bytes, timeout_seconds=self.spec.timeout_seconds, dtype=group.dtype,
             checkpoint_path=self.spec.checkpoint_path,
         )  # fmt: skip
+
+    @property
+    def pushing(self) -> bool:
+        return self._push_in_progress()
 
     def _push_in_progress(self) -> bool:
         return any(not t.done() for t in self._pushes.values())
@@ -453,6 +459,9 @@ class SyncCoordinator:
             raise api.SyncError(502, f"no engine applied version {version}; they keep version {self.version}")
         await self._save_version(version, self.syncs + 1)
         self.version, self.engines_in_sync, self.syncs = version, in_sync, self.syncs + 1
+        for index, ok in enumerate(applied):
+            if ok:
+                self.engine_versions[index] = str(version)
         self.last_sync_time = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.last_sync_duration, self.last_sync_bytes, self.last_error = seconds, nbytes, None
         if in_sync < len(applied):

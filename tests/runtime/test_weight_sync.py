@@ -13,16 +13,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from explorer import credentials, local_engine, sink
+from explorer import credentials, engine_metrics, local_engine, sink
 from explorer import explorer as explorer_mod
 from explorer.weight_sync import formation_store, protocol, versions
 from explorer.weight_sync.rendezvous import SyncCoordinator
 from explorer.weight_sync.trainer import SyncRefusedError, TrainerClient
+from explorer.workflows import Task
 from kubeplane import paths
 from tests.auth import job_headers, trainer_headers
 from tests.conftest import free_port
@@ -177,19 +179,53 @@ def test_fixed_style_explorer_waits_for_each_push_and_stamps_versions(
 
 
 @pytest.mark.timeout(900)
-def test_restarted_engine_rejoins_at_the_next_push(
-    coordinator: SyncCoordinator, cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path
-) -> None:
-    with TrainerClient(address(coordinator)) as trainer:
-        trainer.push(support.perturbed_state(tiny_model_dir, seed=6))
-        restarted = cpu_engines[1]
-        restarted.stop()
-        restarted.start()  # same port, original weights from disk, no group membership
-        assert support.max_logprob_error(support.engine_logprobs(restarted.base_url), tiny_model_dir,
-                                         support.original_state(tiny_model_dir)) < TOLERANCE  # fmt: skip
-        newest = support.perturbed_state(tiny_model_dir, seed=7)
-        result = trainer.push(newest)  # re-forms the group (the restarted engine is not a member), then pushes
-        assert result.engines_in_sync == 2
+def test_restarted_engine_leaves_the_rotation_and_rejoins_at_the_next_push(
+    coordinator: SyncCoordinator, loop: support.LoopThread, ray_cluster: None,
+    cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path,
+) -> None:  # fmt: skip
+    """A restarted engine serves the base weights: the explorer stops dispatching to it (its tokens would be
+    off-policy, labelled with the job's version) until a push brings it to the job's version."""
+    cfg = coordinator.config.model_copy(deep=True)
+    cfg.workflow = cfg.workflow.model_copy(update={"max_tokens": 4})
+    cfg.scheduler = cfg.scheduler.model_copy(update={"runners_per_engine": 2, "task_timeout_seconds": 60})
+    explorer = explorer_mod.Explorer(cfg, sync=coordinator)
+    sched = loop.run(explorer._start_scheduler())
+
+    def observe() -> list[bool | None]:
+        async def probe() -> list[Any]:
+            async with httpx.AsyncClient(timeout=10, headers=job_headers()) as http:
+                mark = explorer.version_mark()
+                return explorer.observe_engines(await explorer_mod.probe_engines(cfg, http), mark)
+
+        return [e.in_rotation for e in loop.run(probe())]
+
+    def served_per_engine(batch_id: int) -> list[float]:
+        before = [engine_metrics.fetch_requests_served(e.base_url) for e in cpu_engines]
+        sched.schedule([Task(i, f"What is {i} plus 1?", str(i + 1)) for i in range(8)], batch_id=batch_id)
+        statuses, _ = loop.run(sched.get_results(batch_id, timeout=180))
+        assert len(statuses) == 8 and all(s.ok for s in statuses), statuses
+        return [engine_metrics.fetch_requests_served(e.base_url) - b for e, b in zip(cpu_engines, before, strict=True)]
+
+    try:
+        with TrainerClient(address(coordinator)) as trainer:
+            trainer.push(support.perturbed_state(tiny_model_dir, seed=6))
+            assert observe() == [True, True]
+            restarted = cpu_engines[1]
+            restarted.stop()
+            restarted.start()  # same port, original weights from disk, no group membership
+            assert support.max_logprob_error(support.engine_logprobs(restarted.base_url), tiny_model_dir,
+                                             support.original_state(tiny_model_dir)) < TOLERANCE  # fmt: skip
+            assert observe() == [True, False]
+            served = served_per_engine(1)
+            assert served[1] == 0 and served[0] >= 8, f"requests per engine {served}: the stale engine served"
+            newest = support.perturbed_state(tiny_model_dir, seed=7)
+            result = trainer.push(newest)  # re-forms the group (the restarted engine is not a member), then pushes
+            assert result.engines_in_sync == 2
+            assert sched.engine_load is not None and sched.engine_load.serving == [True, True]
+            assert observe() == [True, True]
+            assert min(served_per_engine(2)) > 0, "back in the rotation"
+    finally:
+        loop.run(sched.stop())
     assert max(served_errors(cpu_engines, tiny_model_dir, newest)) < TOLERANCE
 
 

@@ -98,13 +98,16 @@ def two_engine_config() -> config.ExplorerConfig:
     })  # fmt: skip
 
 
-def run_through_scheduler(engines: FakeEngines, n_tasks: int) -> list[Status]:
+def run_through_scheduler(engines: FakeEngines, n_tasks: int, serving: list[bool] | None = None) -> list[Status]:
     cfg = two_engine_config()
     transport = httpx.MockTransport(engines)
 
     async def scenario() -> list[Status]:
         sched = scheduler.Scheduler(cfg, cfg.rollout, backend_factory=lambda i: OwnPoolRunner(cfg, i, transport))
         assert len(sched.runners) == 8
+        if serving is not None:
+            assert sched.engine_load is not None
+            sched.engine_load.set_serving(serving)
         await sched.start()
         try:
             sched.schedule([Task(i, f"What is {i} plus 1?", str(i + 1)) for i in range(n_tasks)], batch_id=1)
@@ -160,3 +163,26 @@ def test_requests_served_sum_every_finish_reason_of_vllms_success_counter() -> N
     assert engine_metrics.compute_requests_served(exposition) == 17.0
     assert engine_metrics.compute_requests_served("") == 0.0
     assert engine_metrics.compute_shares([30.0, 10.0]) == [0.75, 0.25]
+
+
+def test_only_engines_at_the_jobs_policy_version_are_dispatched_to_and_never_as_a_fallback() -> None:
+    engines = FakeEngines()
+    statuses = run_through_scheduler(engines, 80, serving=[True, False])
+    assert all(s.ok for s in statuses) and engines.requests == {"engine-0.test": 80}, engines.requests
+
+    # The engine at the version refuses: the stale one is not used instead (its tokens would be off-policy).
+    refusing = FakeEngines(refusing=frozenset({"engine-0.test"}))
+    statuses = run_through_scheduler(refusing, 8, serving=[True, False])
+    assert not any(s.ok for s in statuses)
+    assert refusing.requests == {"engine-0.test": 8}, refusing.requests
+
+
+def test_when_no_engine_is_at_the_version_every_engine_serves() -> None:
+    load = engine_load.EngineLoad(2)
+    load.set_serving([False, False])
+    assert sorted(load.acquire(0.0)) == [0, 1]
+    load.set_serving([False, True])
+    assert load.acquire(0.0) == (1,)
+    engines = FakeEngines()
+    run_through_scheduler(engines, 40, serving=[False, False])
+    assert engines.requests["engine-0.test"] >= 16 and engines.requests["engine-1.test"] >= 16, engines.requests

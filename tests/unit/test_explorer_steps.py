@@ -169,6 +169,7 @@ class CountingSync:
         self.waited: list[int] = []
         self.on_version: Any = None
         self.experiences: Any = None
+        self.engine_versions: list[str | None] = [None]  # unknown: every engine stays in the rotation
 
     async def wait_for_syncs(self, count: int) -> None:
         self.waited.append(count)
@@ -247,3 +248,18 @@ def test_an_overdue_trainer_is_reported_while_the_explorer_keeps_waiting(tmp_pat
     asyncio.run(scenario())
     assert seen == [True] and not ex.report.trainer_overdue and ex.report.waiting_for is None
     assert ex.report.phase != "Failed" and trainer.waited == [1, 2]
+
+
+def test_an_experience_from_an_engine_at_another_version_carries_that_engines_version(tmp_path: Path) -> None:
+    explorer = explorer_mod.Explorer(explorer_config(tmp_path, delay=0))
+
+    def made_by(served: str | None) -> Experience:
+        return Experience(tokens=[1, 2], prompt_length=1, logprobs=[0.0], reward=0.0,
+                          info={"engine": 1, "engine_version": served})  # fmt: skip
+
+    at_version, restarted, behind, unknown = made_by("4"), made_by(None), made_by("3"), Experience([1], 1, [], 0.0)
+    explorer._stamp_versions([at_version, restarted, behind, unknown], 4, 0)
+    assert (at_version.policy_version, at_version.policy_versions) == (4, [4])
+    assert (restarted.policy_version, restarted.policy_versions) == (None, []), "base weights: no pushed version"
+    assert (behind.policy_version, behind.policy_versions) == (3, [3])
+    assert unknown.policy_version == 4, "no engine picture (no scheduler order): the step's version"
