@@ -356,12 +356,12 @@ class Explorer:
         if load is None or current is None or len(served) != len(load.serving):
             return []
         serving = [version == str(current) for version in served]
+        left_out = [i for i, ok in enumerate(serving) if not ok]
         if serving != load.serving:
-            left_out = [i for i, ok in enumerate(serving) if not ok]
             log.warning("engines at policy version %s: %s; left out of the rotation until they serve it: %s",
                         current, [i for i, ok in enumerate(serving) if ok], left_out or "none")  # fmt: skip
         load.set_serving(serving, served)
-        return [i for i, ok in enumerate(serving) if not ok]
+        return left_out
 
     def version_mark(self) -> tuple[int, bool]:
         """Pushes so far and whether one is under way: a probe taken across a change must not decide the rotation."""
@@ -474,9 +474,8 @@ async def serve_and_explore(
             while True:
                 if asyncio.get_running_loop().time() - last_probe >= probe_seconds:
                     last_probe = asyncio.get_running_loop().time()
-                    engines = explorer.observe_engines(
-                        await probe_engines(explorer.config, http), explorer.version_mark()
-                    )
+                    mark = explorer.version_mark()  # before the probe: a push after it voids what the probe saw
+                    engines = explorer.observe_engines(await probe_engines(explorer.config, http), mark)
                     probed = {"engines": engines, "ray_nodes": await asyncio.to_thread(alive_ray_nodes)}
                 server.report = explorer.current_report().model_copy(update=probed)
                 await asyncio.sleep(0.2)

@@ -256,6 +256,7 @@ class SyncCoordinator:
                 group.ready = True  # engines read the shared volume; no process group to form
                 return self._group_info(group)
             chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
+            store_url = self.api_url()
             for slot in slots:
                 init: dict[str, Any] = {
                     "rank_offset": slot.rank_offset,
@@ -264,7 +265,7 @@ class SyncCoordinator:
                     "timeout_seconds": self.spec.timeout_seconds,
                 }
                 if self.spec.method == "gloo":
-                    init.update(store_url=self.api_url(), bucket_bytes=self.spec.bucket_bytes, chunk_bytes=chunk_bytes)
+                    init.update(store_url=store_url, bucket_bytes=self.spec.bucket_bytes, chunk_bytes=chunk_bytes)
                 else:
                     init.update(packed=True, packed_buffer_size_bytes=self.spec.bucket_bytes)
                 group.init_infos.append(init)
