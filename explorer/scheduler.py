@@ -184,7 +184,9 @@ class _TaskResult:
         errors = [s.message for s in statuses if not s.ok and s.message]
         succeeded = f"{sum(s.ok for s in statuses)}/{len(statuses)} sub-tasks succeeded"
         message = None if ok else f"{succeeded}. First error: {errors[0] if errors else '?'}"
-        return Status(ok, mean_over_runs([(s.metric, n) for s, n in self.runs]), message)
+        served_by = tuple(dict.fromkeys(e for s in statuses for e in s.served_by))
+        failed = tuple(sorted({e for s in statuses for e in s.failed_engines}))
+        return Status(ok, mean_over_runs([(s.metric, n) for s, n in self.runs]), message, failed, served_by)
 
 
 @dataclasses.dataclass

@@ -126,6 +126,9 @@ def test_eight_runners_with_their_own_pools_send_a_fair_share_of_160_requests_to
     assert len(statuses) == 160 and all(s.ok for s in statuses)
     assert sum(engines.requests.values()) == 160
     assert min(engines.requests[f"engine-{i}.test"] for i in range(2)) >= 64, engines.requests  # >= 40% each
+    served_by = [s.served_by for s in statuses]  # what each experience is stamped with (engine, its version)
+    assert all(len(engines_) == 1 for engines_ in served_by), served_by
+    assert sum(1 for engines_ in served_by if engines_ == (0,)) == engines.requests["engine-0.test"]
 
 
 def test_requests_move_off_an_engine_that_refuses_and_the_scheduler_stops_choosing_it() -> None:
@@ -134,6 +137,7 @@ def test_requests_move_off_an_engine_that_refuses_and_the_scheduler_stops_choosi
     assert len(statuses) == 160 and all(s.ok for s in statuses)  # failover: nothing lost
     assert engines.requests["engine-0.test"] == 160
     assert engines.requests["engine-1.test"] <= 8, engines.requests  # at most each runner's first try
+    assert {s.served_by for s in statuses} == {(0,)}, "the engine that answered, not the one that refused"
 
 
 def test_pools_without_the_schedulers_order_still_rotate_between_equally_idle_engines() -> None:
