@@ -186,6 +186,12 @@ class SyncSpec(WireModel):
         description="Past trainerTimeoutSeconds: keep waiting (the job stays Degraded until a push arrives), or fail "
         "the job (Failed/TrainerTimeout, no restart: a new coordinator would only wait again).",
     )
+    catch_up: bool = Field(
+        default=True,
+        description="Bring an engine that does not serve the job's policy version (restarted, added, or one whose "
+        "apply failed) to it from a peer engine's copy at once (gloo and checkpoint methods); false, or NCCL (engines "
+        "keep no copy): it stays out of the rotation until the trainer's next push.",
+    )
     generation_during_sync: Literal["keep", "wait", "abort"] = Field(
         default="keep",
         description="While weights swap: keep in-flight requests (they finish on the new weights), wait for them "

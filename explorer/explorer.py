@@ -9,11 +9,13 @@ and counted in the status report, or (``explore.onStepTimeout: wait``) waited fo
 ``eval_interval`` steps as batch ``"{step}/{taskset}"``. Sync boundaries follow ``sync.interval``/``sync.offset``.
 With a ``SyncCoordinator`` (the coordinator's weight-sync side) the style decides how far exploring may run ahead of
 the trainer: ``fixed`` waits at every boundary for the trainer's next push, ``async`` lets it run ``maxPolicyLag``
-boundaries ahead, ``trainer_driven`` never waits. Each experience records the policy version its step started on and
-every version applied while it ran. Committed steps are served to trainers by ``experience_stream`` on the sync API;
-with ``experiences.maxUnconsumedSteps`` a step starts only while the slowest consumer has fewer steps unacknowledged
-(steps in flight count; the report's ``waitingFor`` says when it holds), and after the last step the API stays up
-until every consumer has read to the end (at most ``experiences.drainTimeoutSeconds``).
+boundaries ahead, ``trainer_driven`` never waits. Runners dispatch only to engines serving the job's version; one
+that does not (restarted, or its apply failed) is brought to it from a peer engine as soon as a probe sees it. Each
+experience records the policy version its step started on and every version applied while it ran. Committed steps
+are served to trainers by ``experience_stream`` on the sync API; with ``experiences.maxUnconsumedSteps`` a step
+starts only while the slowest consumer has fewer steps unacknowledged (steps in flight count; the report's
+``waitingFor`` says when it holds), and after the last step the API stays up until every consumer has read to the
+end (at most ``experiences.drainTimeoutSeconds``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "explorer-state.json"
 FINAL_READ_GRACE_SECONDS = 5.0  # after the drain, how long the stream still answers a last read
 SyncHook = Callable[[int], Awaitable[int | None]]
+CATCH_UP_RETRY_SECONDS = 30.0  # after an engine failed to catch up from a peer, before it is tried again
 TRAINER_TIMEOUT = "TrainerTimeout"  # the report's failure_reason: final, a restarted coordinator would only wait again
 
 
@@ -84,6 +88,8 @@ class Explorer:
         self.sync = sync
         self._applied_versions: list[int] = []
         self.scheduler: scheduler_mod.Scheduler | None = None
+        self._catch_up: asyncio.Task[None] | None = None
+        self._catch_up_after = 0.0
         if sync is not None:
             sync.on_version = self._on_version
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
@@ -365,7 +371,7 @@ class Explorer:
 
     def version_mark(self) -> tuple[int, bool]:
         """Pushes so far and whether one is under way: a probe taken across a change must not decide the rotation."""
-        return (self.sync.syncs, self.sync.pushing) if self.sync is not None else (0, False)
+        return (self.sync.weight_changes, self.sync.pushing) if self.sync is not None else (0, False)
 
     def observe_engines(
         self, engines: list[status_api.EngineState], mark: tuple[int, bool]
@@ -377,7 +383,22 @@ class Explorer:
             return engines
         sync.engine_versions = [e.policy_version if e.healthy else None for e in engines]
         left_out = set(self.follow_served_versions(sync.engine_versions))
+        self._start_catch_up(sync, [e.index for e in engines if e.healthy and e.index in left_out])
         return [e.model_copy(update={"in_rotation": e.index not in left_out}) for e in engines]
+
+    def _start_catch_up(self, sync: SyncCoordinator, strays: list[int]) -> None:
+        """Have the coordinator bring healthy engines that are out of the rotation to the job's version from a peer
+        (``SyncCoordinator.catch_up``), one catch-up at a time; a failed one is tried again after a pause."""
+        running = self._catch_up is not None and not self._catch_up.done()
+        if running or time.monotonic() < self._catch_up_after or not set(strays) & set(sync.catch_up_candidates()):
+            return
+        self._catch_up = asyncio.get_running_loop().create_task(self._run_catch_up(sync, strays))
+
+    async def _run_catch_up(self, sync: SyncCoordinator, strays: list[int]) -> None:
+        caught_up = await sync.catch_up(strays)
+        if len(caught_up) < len(strays):
+            self._catch_up_after = time.monotonic() + CATCH_UP_RETRY_SECONDS
+        self.follow_served_versions(sync.engine_versions)
 
     def _need_sync_coordinator(self) -> SyncCoordinator:
         if self.sync is None:

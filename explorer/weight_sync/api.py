@@ -156,9 +156,12 @@ def add_sync_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> N
     add_store_routes(app, sync)
 
 
-def store_role(request: web.Request) -> str:
-    """Who presents the request: the trainer (trainer token) or one of the job's engines (job token); else 401."""
+def store_role(request: web.Request, source_token: str | None = None) -> str:
+    """Who presents the request: the trainer (trainer token), one of the job's engines (job token), or a catch-up
+    group's sending peer (its one-time ``source_token``); else 401."""
     authorization = request.headers.get("Authorization")
+    if source_token and credentials.matches(authorization, [source_token]):
+        return formation_store.SOURCE
     if credentials.matches(authorization, credentials.trainer_tokens()):
         return formation_store.TRAINER
     if credentials.matches(authorization, [credentials.job_token()]):
@@ -174,7 +177,7 @@ def add_store_routes(app: web.Application, sync: rendezvous.SyncCoordinator) -> 
     """``/v1/sync/store/{incarnation}?key=…``: the formation store of a gloo group (``formation_store``)."""
 
     async def answer(request: web.Request, write: bool) -> web.Response:
-        role = store_role(request)
+        role = store_role(request, sync.source_token(request.match_info["incarnation"]))
         key = request.query.get("key", "")
         try:
             keys = sync.formation_keys(request.match_info["incarnation"])

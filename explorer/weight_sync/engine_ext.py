@@ -351,6 +351,36 @@ class WorkerExtension:
             staging.served = dict(weights) if staging.keep_served else {}
         return {"bytes": sum(t.numel() * t.element_size() for _, t in weights)}
 
+    def ext_served_metas(self) -> list[dict[str, Any]]:
+        """What this worker keeps of the weights it serves (name, dtype, shape, in push order): what it can send to a
+        peer that must catch up. Empty: it keeps no copy (an NCCL engine, or one that serves its base checkpoint)."""
+        staging = self._ext_staging()
+        served = staging.served if staging is not None else {}
+        return [meta.to_wire() for meta in protocol.describe(served.items())]
+
+    def ext_send_served(self, plan_json: str) -> dict[str, Any]:
+        """Rank 0 of a catch-up group (``rendezvous.SyncCoordinator.catch_up``): broadcast the served copy of
+        ``names``, in chunks the receivers expect, to the engines that joined. Only the first worker sends (each
+        keeps the same full copy); generation on this engine waits meanwhile."""
+        if getattr(self, "rank", 0) != 0:
+            return {"bytes": 0}
+        plan = json.loads(plan_json)
+        staging = self._ext_staging()
+        served = staging.served if staging is not None else {}
+        missing = [name for name in plan["names"] if name not in served]
+        if missing:
+            raise RuntimeError(f"this engine keeps no served copy of {missing[:3]} (it cannot be a catch-up source)")
+        tensors = [served[name] for name in plan["names"]]
+        metas = protocol.describe(zip(plan["names"], tensors, strict=True))
+        member = formation_store.gloo_group(plan["store_url"], plan["incarnation"], plan["token"], 0,
+                                            plan["world_size"], plan["timeout_seconds"])  # fmt: skip
+        try:
+            for indexes in protocol.chunks(metas, plan["bucket_bytes"]):
+                member.group.broadcast(protocol.pack([tensors[i] for i in indexes]), 0).wait()
+        finally:
+            member.shutdown()
+        return {"bytes": sum(m.nbytes for m in metas)}
+
     def ext_get_weight(self, name: str) -> dict[str, Any]:
         """The HF-named tensor this worker serves: as last applied, or from the model's checkpoint before any sync."""
         staging = self._ext_staging()

@@ -1,12 +1,13 @@
 """The key-value store a gloo sync group forms over: kept by the coordinator, reached through its authenticated API.
 
-A torch ``TCPStore`` authenticates nobody: whoever reaches its port can plant any rank's address before the real
-one (and so receive or send the group's tensors), and on NCCL jobs vLLM unpickles what the store holds. The gloo
-group of a push is therefore formed over this store instead. Each rank writes one key, ``<device>/<rank>``, holding
-gloo's own address record (no pickle anywhere); rank 0 is written only by a caller presenting the trainer token,
-every other rank only by the job's engines (job token), each key once. The store lives only while the group forms:
-the coordinator closes it as soon as every engine has joined. NCCL groups need no store at all (the trainer mints
-the NCCL unique id and hands it over the same API, ``rendezvous``).
+A torch ``TCPStore`` authenticates nobody: whoever reaches its port can plant any rank's address before the real one
+(and so receive or send the group's tensors), and on NCCL jobs vLLM unpickles what the store holds. The gloo group
+of a push is therefore formed over this store instead. Each rank writes one key, ``<device>/<rank>``, holding gloo's
+own address record (no pickle anywhere); rank 0 is written only by a caller presenting the trainer token, every
+other rank only by the job's engines (job token), each key once. A catch-up group (``rendezvous``: a peer engine
+sends its weights to one that restarted) has a one-time token for its rank 0 instead of the trainer's. The store
+lives only while the group forms: the coordinator closes it as soon as every engine has joined. NCCL groups need no
+store at all (the trainer mints the NCCL unique id and hands it over the same API, ``rendezvous``).
 
 ``FormationKeys`` is the coordinator's side; ``HttpStore`` is a ``torch.distributed.Store`` that gloo drives in the
 engine workers and in the trainer, and ``gloo_group`` forms one rank's group over it.
@@ -26,7 +27,7 @@ import torch
 from torch._C._distributed_c10d import Store
 
 ROUTE = "/v1/sync/store/{incarnation}"
-TRAINER, ENGINE = "trainer", "engine"
+TRAINER, ENGINE, SOURCE = "trainer", "engine", "source"  # SOURCE: the peer engine that sends in a catch-up group
 MAX_VALUE_BYTES = 64 << 10  # gloo's address record of one rank is ~170 bytes
 POLL_SECONDS = 20.0  # the longest one GET waits on the coordinator before the client asks again
 KEY = re.compile(r"(\d{1,4})/(\d{1,6})")  # gloo's key: device index / rank
@@ -45,6 +46,7 @@ class FormationKeys:
     """The keys of one group while it forms, and who may write which."""
 
     world_size: int
+    source_token: str | None = None  # a catch-up group: rank 0 is the peer engine holding this one-time token
     values: dict[str, bytes] = dataclasses.field(default_factory=dict)
     closed: str | None = None
     changed: asyncio.Condition = dataclasses.field(default_factory=asyncio.Condition)
@@ -60,7 +62,7 @@ class FormationKeys:
         rank = int(match.group(2))
         if rank >= self.world_size:
             raise StoreRefusedError(400, f"store key {key!r} names rank {rank}; the group has {self.world_size} ranks")
-        owner = TRAINER if rank == 0 else ENGINE
+        owner = ENGINE if rank else SOURCE if self.source_token else TRAINER
         if role != owner:
             raise StoreRefusedError(403, f"rank {rank}'s key is written by the {owner} only (the {role} token was "
                                     "presented)")  # fmt: skip

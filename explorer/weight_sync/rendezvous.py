@@ -108,6 +108,9 @@ class SyncCoordinator:
         self.http = httpx.AsyncClient(headers=credentials.job_headers())
         self.engines = [EngineDriver(e, self.http) for e in config.rollout.engines]
         self.group: Group | None = None
+        self.catch_up_group: Group | None = None  # a peer engine sending its weights to engines that must catch up
+        self.catch_ups = 0  # engines brought to the job's version from a peer (no trainer push needed)
+        self.catching_up = False
         self.version: int | None = None
         self.engines_in_sync: int | None = None
         self.engine_versions: list[str | None] = [None] * len(self.engines)  # what each engine serves, as last known
@@ -168,10 +171,21 @@ class SyncCoordinator:
             port = self._runner.addresses[0][1]
         return f"http://{self.advertised_host}:{port}"
 
+    def _forming(self, incarnation: str) -> Group | None:
+        for group in (self.group, self.catch_up_group):
+            if group is not None and group.incarnation == incarnation:
+                return group
+        return None
+
+    def source_token(self, incarnation: str) -> str | None:
+        """The one-time token of a catch-up group's sending peer (None: not a catch-up group)."""
+        group = self._forming(incarnation)
+        return group.keys.source_token if group is not None and group.keys is not None else None
+
     def formation_keys(self, incarnation: str) -> formation_store.FormationKeys:
         """The store of the group now forming as ``incarnation`` (``formation_store``)."""
-        group = self.group
-        if group is None or group.incarnation != incarnation:
+        group = self._forming(incarnation)
+        if group is None:
             raise api.SyncError(409, "no sync group is forming under this incarnation")
         if group.keys is None:
             raise api.SyncError(409, f"the {self.spec.method} method forms its group without a store")
@@ -219,7 +233,13 @@ class SyncCoordinator:
 
     @property
     def pushing(self) -> bool:
-        return self._push_in_progress()
+        """Whether some engine's weights may be changing now (a trainer's push, or a catch-up)."""
+        return self._push_in_progress() or self.catching_up
+
+    @property
+    def weight_changes(self) -> int:
+        """How many times engines' weights have changed under this coordinator (pushes and catch-ups)."""
+        return self.syncs + self.catch_ups
 
     def _push_in_progress(self) -> bool:
         return any(not t.done() for t in self._pushes.values())
@@ -258,12 +278,7 @@ class SyncCoordinator:
             chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
             store_url = self.api_url()
             for slot in slots:
-                init: dict[str, Any] = {
-                    "rank_offset": slot.rank_offset,
-                    "world_size": world,
-                    "incarnation": incarnation,
-                    "timeout_seconds": self.spec.timeout_seconds,
-                }
+                init = self._init_info(slot, world, incarnation)
                 if self.spec.method == "gloo":
                     init.update(store_url=store_url, bucket_bytes=self.spec.bucket_bytes, chunk_bytes=chunk_bytes)
                 else:
@@ -274,9 +289,13 @@ class SyncCoordinator:
                 self._start_joins(group)
             return self._group_info(group)
 
-    def _start_joins(self, group: Group) -> None:
-        """Every engine joins at its rank (each blocks in vLLM until the whole group has formed)."""
-        for engine, init in zip(self.engines, group.init_infos, strict=True):
+    def _init_info(self, slot: protocol.RankSlot, world: int, incarnation: str) -> dict[str, Any]:
+        return {"rank_offset": slot.rank_offset, "world_size": world, "incarnation": incarnation,
+                "timeout_seconds": self.spec.timeout_seconds}  # fmt: skip
+
+    def _start_joins(self, group: Group, engines: list[EngineDriver] | None = None) -> None:
+        """Every engine (of ``engines``) joins at its rank (each blocks in vLLM until the whole group has formed)."""
+        for engine, init in zip(self.engines if engines is None else engines, group.init_infos, strict=True):
             body = {"init_info": init}
             group.joins.append(asyncio.create_task(
                 engine.post("/init_weight_transfer_engine", body, timeout=self.spec.timeout_seconds + 30)))  # fmt: skip
@@ -421,8 +440,11 @@ class SyncCoordinator:
                                                      timeout=timeout))  # fmt: skip
         return await self._record(version, applied, sum(m.nbytes for m in metas), started, receive_seconds)
 
-    async def _apply(self, finish: Callable[[EngineDriver], Awaitable[Any]]) -> list[bool]:
-        """Swap weights on every engine while generation is paused (in-flight requests kept or drained per config)."""
+    async def _apply(
+        self, finish: Callable[[EngineDriver], Awaitable[Any]], engines: list[EngineDriver] | None = None
+    ) -> list[bool]:
+        """Swap weights on every engine (of ``engines``) while generation is paused (in-flight requests kept or
+        drained per config)."""
         mode = self.spec.generation_during_sync
 
         async def one(engine: EngineDriver) -> bool:
@@ -438,7 +460,8 @@ class SyncCoordinator:
                 # Always, also when the pause itself timed out here: the engine may have paused after we gave up.
                 await self._resume(engine)
 
-        results = await asyncio.gather(*(one(e) for e in self.engines), return_exceptions=True)
+        results = await asyncio.gather(*(one(e) for e in (self.engines if engines is None else engines)),
+                                       return_exceptions=True)  # fmt: skip
         return [r is True for r in results]
 
     async def _resume(self, engine: EngineDriver) -> None:
@@ -514,6 +537,107 @@ class SyncCoordinator:
             size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in resolved.glob("*.safetensors")))
             return await self._record(version, applied, size, started, 0.0)
 
+    # ---- catch-up -------------------------------------------------------------------------------------------
+
+    def catch_up_candidates(self) -> list[int]:
+        """Engines that do not serve the job's version while a peer does (restarted, added, or whose apply failed)."""
+        if not self.spec.catch_up or self.spec.method == "nccl" or self.version is None:
+            return []
+        current = str(self.version)
+        if current not in self.engine_versions:
+            return []
+        return [i for i, served in enumerate(self.engine_versions) if served != current]
+
+    async def catch_up(self, indexes: list[int]) -> list[int]:
+        """Bring engines ``indexes`` to the job's version from a peer engine's served copy, without waiting for the
+        trainer's next push; returns those that now serve it (the others stay out of the rotation).
+
+        The peer is rank 0 of a gloo group of its own (formed over this API's store with a one-time token: no
+        workflow code holding the job token can pose as it), the others receive and apply exactly as in a push
+        (staged, all or nothing). NCCL engines keep no copy (a second GPU model is too dear): they wait for the
+        trainer's next push. A caught-up engine has left the trainer's group: the next push re-forms it.
+        """
+        async with self._lock:
+            candidates = set(self.catch_up_candidates())
+            strays = [self.engines[i] for i in indexes if i in candidates]
+            if not strays or self._push_in_progress() or self.version is None:
+                return []
+            version = self.version
+            sources = [e for e in self.engines if self.engine_versions[e.index] == str(version)]
+            self.catching_up = True
+            try:
+                return await self._catch_up_from(sources[0], strays, version)
+            except (api.SyncError, httpx.HTTPError, KeyError, ValueError) as err:
+                self.last_error = f"engines {[e.index for e in strays]} could not catch up to version {version}: {err}"
+                log.warning("%s", self.last_error)
+                await asyncio.gather(*(e.rpc("ext_abort_update") for e in strays), return_exceptions=True)
+                return []
+            finally:
+                await self._close_catch_up(strays)
+                self.catching_up = False
+
+    async def _catch_up_from(self, source: EngineDriver, strays: list[EngineDriver], version: int) -> list[int]:
+        metas = [protocol.TensorMeta.model_validate(m) for m in await source.rpc("ext_served_metas")]
+        if not metas:
+            raise api.SyncError(409, f"engine {source.index} keeps no copy of version {version} to send")
+        payload = json.dumps([m.to_wire() for m in metas])
+        for engine, problems in zip(strays, await asyncio.gather(*(e.rpc("ext_validate", payload) for e in strays)),
+                                    strict=True):  # fmt: skip
+            if problems:
+                raise api.SyncError(422, f"engine {engine.index} refuses engine {source.index}'s weights: "
+                                    + "; ".join(problems[:5]))  # fmt: skip
+        slots, world = protocol.rank_layout([e.endpoint.world_size for e in strays])
+        incarnation = "catchup-" + uuid.uuid4().hex[:12]
+        token = credentials.mint()
+        group = Group(incarnation, world, joins=[], keys=formation_store.FormationKeys(world, source_token=token))
+        self.catch_up_group = group
+        store_url, timeout = self.api_url(), self.spec.timeout_seconds
+        chunk_bytes = protocol.chunk_bytes(metas, self.spec.bucket_bytes)
+        for slot in slots:
+            extra = {"store_url": store_url, "bucket_bytes": self.spec.bucket_bytes, "chunk_bytes": chunk_bytes}
+            group.init_infos.append(self._init_info(slot, world, incarnation) | extra)
+        plan = json.dumps({"store_url": store_url, "incarnation": incarnation, "token": token, "world_size": world,
+                           "timeout_seconds": timeout, "bucket_bytes": self.spec.bucket_bytes,
+                           "names": [m.name for m in metas]})  # fmt: skip
+        started = time.monotonic()
+        send = asyncio.create_task(source.rpc("ext_send_served", plan, timeout=2 * timeout + 30))
+        try:
+            self._start_joins(group, strays)
+            await _unless_failed(send, asyncio.gather(*group.joins))
+            await group.keys.close("the catch-up group has formed")  # type: ignore[union-attr]
+            await asyncio.gather(*(e.post("/start_weight_update") for e in strays))
+            info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+                    "shapes": [m.shape for m in metas]}  # fmt: skip
+            await _unless_failed(send, asyncio.gather(*(
+                e.post("/update_weights", {"update_info": info}, timeout=timeout + 30) for e in strays)))  # fmt: skip
+            await send
+        finally:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+        applied = await self._apply(lambda e: e.post("/finish_weight_update", {"weight_version": str(version)},
+                                                     timeout=timeout + 30), strays)  # fmt: skip
+        caught_up = [e.index for e, ok in zip(strays, applied, strict=True) if ok]
+        for index in caught_up:
+            self.engine_versions[index] = str(version)
+        self.catch_ups += len(caught_up)
+        log.info("engines %s caught up to version %s from engine %s in %.2f s", caught_up, version, source.index,
+                 time.monotonic() - started)  # fmt: skip
+        if len(caught_up) < len(strays):
+            self.last_error = f"engines {[e.index for e in strays if e.index not in caught_up]} failed to apply " \
+                              f"version {version} from engine {source.index}"  # fmt: skip
+        return caught_up
+
+    async def _close_catch_up(self, strays: list[EngineDriver]) -> None:
+        group, self.catch_up_group = self.catch_up_group, None
+        if group is None:
+            return
+        for task in group.joins:
+            task.cancel()
+        await asyncio.gather(*group.joins, return_exceptions=True)
+        if group.keys is not None:
+            await group.keys.close("the catch-up is over")
+        await asyncio.gather(*(e.post("/shutdown_weight_transfer_engine") for e in strays), return_exceptions=True)
+
     # ---- explorer side ---------------------------------------------------------------------------------------
 
     async def wait_for_syncs(self, count: int) -> None:
@@ -538,3 +662,16 @@ class SyncCoordinator:
             version=self.version, engines=len(self.engines), engines_in_sync=self.engines_in_sync or 0,
             last_error=self.last_error, extra={"trainer": holder} if holder else {},
         )  # fmt: skip
+
+
+async def _unless_failed(sender: asyncio.Task[Any], step: Awaitable[Any]) -> Any:
+    """``step``'s result, or the sender's error as soon as it fails (receivers would otherwise wait out their
+    timeout for a sender that is gone)."""
+    waiting = asyncio.ensure_future(step)
+    await asyncio.wait({sender, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        sender.result()  # raises the sender's error
+        raise api.SyncError(502, "the sending engine finished before its receivers")
+    return waiting.result()

@@ -178,34 +178,49 @@ def test_fixed_style_explorer_waits_for_each_push_and_stamps_versions(
     assert out.manifest()["steps"]["3"]["policyVersion"] == pushed[1]
 
 
+class RotationProbe:
+    """An explorer over the session's engines, observed as the coordinator's publish loop observes them."""
+
+    def __init__(self, coordinator: SyncCoordinator, loop: support.LoopThread,
+                 engines: list[local_engine.LocalEngine]):  # fmt: skip
+        self.cfg = coordinator.config.model_copy(deep=True)
+        self.cfg.workflow = self.cfg.workflow.model_copy(update={"max_tokens": 4})
+        self.cfg.scheduler = self.cfg.scheduler.model_copy(update={"runners_per_engine": 2, "task_timeout_seconds": 60})
+        self.explorer = explorer_mod.Explorer(self.cfg, sync=coordinator)
+        self.loop, self.engines = loop, engines
+        self.sched = loop.run(self.explorer._start_scheduler())
+        self.experiences: list[Any] = []
+
+    def observe(self) -> list[bool | None]:
+        async def probe() -> list[Any]:
+            async with httpx.AsyncClient(timeout=10, headers=job_headers()) as http:
+                mark = self.explorer.version_mark()
+                return self.explorer.observe_engines(await explorer_mod.probe_engines(self.cfg, http), mark)
+
+        return [e.in_rotation for e in self.loop.run(probe())]
+
+    def served_per_engine(self, batch_id: int) -> list[float]:
+        before = [engine_metrics.fetch_requests_served(e.base_url) for e in self.engines]
+        self.sched.schedule([Task(i, f"What is {i} plus 1?", str(i + 1)) for i in range(8)], batch_id=batch_id)
+        statuses, self.experiences = self.loop.run(self.sched.get_results(batch_id, timeout=180))
+        assert len(statuses) == 8 and all(s.ok for s in statuses), statuses
+        return [engine_metrics.fetch_requests_served(e.base_url) - b for e, b in zip(self.engines, before, strict=True)]
+
+    def stop(self) -> None:
+        self.loop.run(self.sched.stop())
+
+
 @pytest.mark.timeout(900)
 def test_restarted_engine_leaves_the_rotation_and_rejoins_at_the_next_push(
     coordinator: SyncCoordinator, loop: support.LoopThread, ray_cluster: None,
-    cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path,
+    cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """A restarted engine serves the base weights: the explorer stops dispatching to it (its tokens would be
-    off-policy, labelled with the job's version) until a push brings it to the job's version."""
-    cfg = coordinator.config.model_copy(deep=True)
-    cfg.workflow = cfg.workflow.model_copy(update={"max_tokens": 4})
-    cfg.scheduler = cfg.scheduler.model_copy(update={"runners_per_engine": 2, "task_timeout_seconds": 60})
-    explorer = explorer_mod.Explorer(cfg, sync=coordinator)
-    sched = loop.run(explorer._start_scheduler())
-
-    def observe() -> list[bool | None]:
-        async def probe() -> list[Any]:
-            async with httpx.AsyncClient(timeout=10, headers=job_headers()) as http:
-                mark = explorer.version_mark()
-                return explorer.observe_engines(await explorer_mod.probe_engines(cfg, http), mark)
-
-        return [e.in_rotation for e in loop.run(probe())]
-
-    def served_per_engine(batch_id: int) -> list[float]:
-        before = [engine_metrics.fetch_requests_served(e.base_url) for e in cpu_engines]
-        sched.schedule([Task(i, f"What is {i} plus 1?", str(i + 1)) for i in range(8)], batch_id=batch_id)
-        statuses, _ = loop.run(sched.get_results(batch_id, timeout=180))
-        assert len(statuses) == 8 and all(s.ok for s in statuses), statuses
-        return [engine_metrics.fetch_requests_served(e.base_url) - b for e, b in zip(cpu_engines, before, strict=True)]
-
+    off-policy, labelled with the job's version) until it is at the job's version again; with catch-up off, that is
+    the trainer's next push."""
+    monkeypatch.setattr(coordinator.config, "sync", coordinator.config.sync.model_copy(update={"catch_up": False}))
+    rotation = RotationProbe(coordinator, loop, cpu_engines)
+    observe, served_per_engine, sched = rotation.observe, rotation.served_per_engine, rotation.sched
     try:
         with TrainerClient(address(coordinator)) as trainer:
             trainer.push(support.perturbed_state(tiny_model_dir, seed=6))
@@ -225,7 +240,40 @@ def test_restarted_engine_leaves_the_rotation_and_rejoins_at_the_next_push(
             assert observe() == [True, True]
             assert min(served_per_engine(2)) > 0, "back in the rotation"
     finally:
-        loop.run(sched.stop())
+        rotation.stop()
+    assert max(served_errors(cpu_engines, tiny_model_dir, newest)) < TOLERANCE
+
+
+@pytest.mark.timeout(900)
+def test_a_restarted_engine_catches_up_from_its_peer_before_it_serves_again(
+    coordinator: SyncCoordinator, loop: support.LoopThread, ray_cluster: None,
+    cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path,
+) -> None:  # fmt: skip
+    """No trainer push needed: as soon as a probe sees the restarted engine on its base weights, the coordinator has
+    the peer engine send the weights it serves (a gloo group of the two, formed over the store with a one-time
+    token); the engine rejoins the rotation at the job's version, and the trainer's next push re-forms its group."""
+    rotation = RotationProbe(coordinator, loop, cpu_engines)
+    pushed = support.perturbed_state(tiny_model_dir, seed=11)
+    try:
+        with TrainerClient(address(coordinator)) as trainer:
+            version = trainer.push(pushed).version
+            pushes, catch_ups = coordinator.syncs, coordinator.catch_ups
+            restarted = cpu_engines[1]
+            restarted.stop()
+            restarted.start()  # same port, original weights from disk, no group membership
+            assert rotation.observe() == [True, False], "off the rotation at once; its catch-up starts"
+            wait_for(lambda: rotation.observe() == [True, True], timeout=180, what="engine 1 caught up from engine 0")
+            assert coordinator.syncs == pushes and coordinator.catch_ups == catch_ups + 1, "no push: a catch-up"
+            assert coordinator.engine_versions == [str(version)] * 2
+            assert max(served_errors(cpu_engines, tiny_model_dir, pushed)) < TOLERANCE, "both serve the push"
+            assert min(rotation.served_per_engine(1)) > 0, "back in the rotation"
+            by_engine = {exp.info["engine"]: exp.info["engine_version"] for exp in rotation.experiences}
+            assert by_engine == {0: str(version), 1: str(version)}, "its experiences carry the version it serves"
+            newest = support.perturbed_state(tiny_model_dir, seed=12)
+            result = trainer.push(newest)  # the caught-up engine left the trainer's group: re-formed, then pushed
+            assert result.engines_in_sync == 2 and result.version > version
+    finally:
+        rotation.stop()
     assert max(served_errors(cpu_engines, tiny_model_dir, newest)) < TOLERANCE
 
 

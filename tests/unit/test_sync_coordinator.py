@@ -449,3 +449,107 @@ def test_an_engine_whose_pause_times_out_is_resumed_and_keeps_its_version(tmp_pa
         assert engines[1].version is None and engines[0].version == str(sync.version)
 
     serve(sync, scenario=scenario)
+
+
+class PeerEngine(RecordingEngine):
+    """A fake engine that keeps a served copy: as a catch-up source it checks the store's rules while its receivers
+    join, then 'sends' once they ask for the weights (the real broadcast: tests/runtime)."""
+
+    def __init__(self, index: int, version: str | None, sync: rendezvous.SyncCoordinator | None = None,
+                 fail_send: bool = False):  # fmt: skip
+        super().__init__(index)
+        self.version = version
+        self.sync = sync
+        self.fail_send = fail_send
+        self.rpcs: list[str] = []
+        self.store_answers: dict[str, int] = {}
+        self.receiving = asyncio.Event()
+        self.joined = asyncio.Event()  # as a source: it has joined its group (receivers' joins return only then)
+        self.source: PeerEngine | None = None
+
+    async def rpc(self, method: str, *args: str, timeout: float = 30.0) -> Any:
+        self.rpcs.append(method)
+        if method == "ext_served_metas":
+            return metas()
+        if method == "ext_send_served":
+            plan = json.loads(args[0])
+            if self.fail_send:
+                raise api.SyncError(502, "engine 0 /collective_rpc: HTTP 500: the sender died")
+            assert self.sync is not None
+            store = f"{url(self.sync)}/v1/sync/store/{plan['incarnation']}"
+            async with httpx.AsyncClient() as http:
+                for who, token in (("trainer", credentials.trainer_tokens()[0]), ("job", credentials.job_token()),
+                                   ("source", plan["token"])):  # fmt: skip
+                    answer = await http.put(store, params={"key": "0/0"}, content=b"rank 0",
+                                            headers=credentials.bearer(token))  # fmt: skip
+                    self.store_answers[who] = answer.status_code
+            self.joined.set()
+            await asyncio.wait_for(peers_receiving(self.sync), 10)
+            return {"bytes": 72}
+        return await super().rpc(method, *args, timeout=timeout)
+
+    async def post(self, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        if path == "/update_weights":
+            self.receiving.set()
+        if path == "/init_weight_transfer_engine" and self.source is not None:
+            await asyncio.wait_for(self.source.joined.wait(), 10)
+        return await super().post(path, body, timeout)
+
+
+async def peers_receiving(sync: rendezvous.SyncCoordinator) -> None:
+    for engine in sync.engines:
+        if isinstance(engine, PeerEngine) and engine.version != str(sync.version):
+            await engine.receiving.wait()
+
+
+def test_an_engine_off_the_jobs_version_catches_up_from_a_peer_without_a_push(tmp_path: Path) -> None:
+    engines = [PeerEngine(0, "3"), PeerEngine(1, None), PeerEngine(2, "3")]
+    sync = coordinator(tmp_path, "gloo", engines=engines)  # type: ignore[arg-type]
+    engines[0].sync, engines[1].source = sync, engines[0]
+
+    async def scenario() -> None:
+        assert sync.version == 3 and sync.catch_up_candidates() == [1]
+        assert await sync.catch_up([1]) == [1]
+        assert engines[1].version == "3" and sync.engine_versions == ["3", "3", "3"]
+        assert sync.catch_ups == 1 and sync.weight_changes == 1 and not sync.pushing
+        assert await sync.catch_up([1]) == [], "nothing left to catch up"
+
+    serve(sync, scenario=scenario)
+    assert engines[0].store_answers == {"trainer": 403, "job": 403, "source": 200}, (
+        "rank 0 of a catch-up group is the peer alone: not the trainer, not workflow code holding the job token"
+    )
+    (init,) = engines[1].inits
+    assert init["incarnation"].startswith("catchup-") and init["world_size"] == 2 and init["rank_offset"] == 1
+    assert engines[1].posted[-5:] == ["/pause", "/finish_weight_update", "/reset_prefix_cache", "/resume",
+                                      "/shutdown_weight_transfer_engine"]  # fmt: skip
+    assert "ext_send_served" not in engines[2].rpcs and engines[2].posted == [], "one source; others untouched"
+
+
+def test_a_failed_catch_up_leaves_the_engine_off_the_version_and_says_why(tmp_path: Path) -> None:
+    engines = [PeerEngine(0, "3", fail_send=True), PeerEngine(1, "2")]
+    sync = coordinator(tmp_path, "gloo", engines=engines)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        sync.engine_versions = ["3", "2"]  # engine 1 failed to apply version 3
+        sync.version = 3
+        assert await sync.catch_up([1]) == []
+        assert sync.engine_versions == ["3", "2"] and sync.catch_ups == 0 and not sync.pushing
+        assert sync.last_error and "could not catch up to version 3" in sync.last_error
+        assert "the sender died" in sync.last_error
+
+    serve(sync, scenario=scenario)
+    assert "ext_abort_update" in engines[1].rpcs and "/finish_weight_update" not in engines[1].posted
+
+
+@pytest.mark.parametrize(("method", "enabled"), [("nccl", True), ("gloo", False)])
+def test_no_catch_up_where_engines_keep_no_copy_or_it_is_turned_off(tmp_path: Path, method: str,
+                                                                    enabled: bool) -> None:  # fmt: skip
+    engines = [PeerEngine(0, "3"), PeerEngine(1, None)]
+    sync = coordinator(tmp_path, method, engines=engines)  # type: ignore[arg-type]
+    sync.config.sync = sync.config.sync.model_copy(update={"catch_up": enabled})
+
+    async def scenario() -> None:
+        assert sync.catch_up_candidates() == [] and await sync.catch_up([1]) == []
+
+    serve(sync, scenario=scenario)
+    assert "ext_send_served" not in engines[0].rpcs
