@@ -102,13 +102,19 @@ def _run(
     ray_head_port: int | None = None,
     node_ip: str | None = None,
     engines_first: bool = False,
+    config_path: Path | None = None,
 ) -> int:
     with ray_session(node_ip or ("127.0.0.1" if host.startswith("127.") else None), ray_head_port):
-        return _explore(cfg, host, port, sync, engines_first)
+        return _explore(cfg, host, port, sync, engines_first, config_path)
 
 
 def _explore(
-    cfg: explorer_config.ExplorerConfig, host: str, port: int, sync: SyncCoordinator, engines_first: bool
+    cfg: explorer_config.ExplorerConfig,
+    host: str,
+    port: int,
+    sync: SyncCoordinator,
+    engines_first: bool,
+    config_path: Path | None,
 ) -> int:
     ex = explorer.Explorer(cfg, sync=sync)
     bar = tqdm(total=cfg.explore.total_steps, desc="explore", unit="step")
@@ -119,7 +125,8 @@ def _explore(
 
     ex.on_step = progress
     try:
-        summary = asyncio.run(explorer.serve_and_explore(ex, host, port, engines_first=engines_first))
+        summary = asyncio.run(explorer.serve_and_explore(ex, host, port, engines_first=engines_first,
+                                                         config_path=config_path))  # fmt: skip
     finally:
         bar.close()
         termination.write(ex.current_report())  # in a pod: the operator's account of how this run ended
@@ -224,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     pod_credentials()
     sync = sync_coordinator(cfg, True, args.sync_port, args.bind_host)
     # A coordinator pod starts long before its engines have loaded the model: it explores once they answer.
-    return _run(cfg, args.status_host, status_port, sync, args.ray_head_port or None, args.node_ip, engines_first=True)
+    return _run(
+        cfg,
+        args.status_host,
+        status_port,
+        sync,
+        args.ray_head_port or None,
+        args.node_ip,
+        engines_first=True,
+        config_path=args.config,
+    )  # a scale rewrites the mounted config: the engines follow it
 
 
 if __name__ == "__main__":

@@ -47,6 +47,21 @@ class EngineLoad:
         self.serving = list(serving)
         self.versions = list(versions) if versions is not None else None
 
+    def resize(self, size: int, serving: bool) -> None:
+        """Follow the group's membership: counts of the engines that stay are kept, removed ones forgotten; added
+        ones start with nothing outstanding and ``serving`` (false: out of the rotation until the explorer finds them
+        at the job's version)."""
+        if size < 1:
+            raise ValueError("an engine group needs at least one engine")
+        grow = max(0, size - len(self.outstanding))
+        self.outstanding = self.outstanding[:size] + [0] * grow
+        self.dispatched = self.dispatched[:size] + [0] * grow
+        self.down_until = self.down_until[:size] + [-math.inf] * grow
+        self.serving = self.serving[:size] + [serving] * grow
+        if self.versions is not None:
+            self.versions = self.versions[:size] + [None] * grow
+        self._next %= size
+
     def acquire(self, now: float) -> tuple[int, ...]:
         """Choose an engine for one request (the first of the returned order) and count it as outstanding.
 

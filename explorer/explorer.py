@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from explorer import config as explorer_config
-from explorer import credentials, sink, status_api, taskset, workflow_runner
+from explorer import credentials, membership, sink, status_api, taskset, workflow_runner
 from explorer import scheduler as scheduler_mod
 from explorer.experience import Experience
 from explorer.experience_stream import ExperienceStream
@@ -371,7 +371,7 @@ class Explorer:
 
     def version_mark(self) -> tuple[int, bool]:
         """Pushes so far and whether one is under way: a probe taken across a change must not decide the rotation."""
-        return (self.sync.weight_changes, self.sync.pushing) if self.sync is not None else (0, False)
+        return (self.sync.changes, self.sync.pushing) if self.sync is not None else (0, False)
 
     def observe_engines(
         self, engines: list[status_api.EngineState], mark: tuple[int, bool]
@@ -385,6 +385,30 @@ class Explorer:
         left_out = set(self.follow_served_versions(sync.engine_versions))
         self._start_catch_up(sync, [e.index for e in engines if e.healthy and e.index in left_out])
         return [e.model_copy(update={"in_rotation": e.index not in left_out}) for e in engines]
+
+    async def set_rollout_engines(self, endpoints: list[explorer_config.EngineEndpoint]) -> bool:
+        """Follow a scale of the rollout group (``membership``); returns whether anything changed.
+
+        The sync coordinator takes the new engines between pushes, the runners' pools and the load picture follow,
+        and added engines are out of the rotation until a probe finds them at the job's version (the probe also
+        starts their catch-up from a peer). Before the first push every engine serves, added ones too. Sub-tasks in
+        flight on a removed engine fail over to another one or are retried: none is lost, none counted twice."""
+        if [e.to_wire() for e in endpoints] == [e.to_wire() for e in self.config.rollout.engines]:
+            return False
+        if not endpoints:
+            raise ValueError("a rollout group needs at least one engine")
+        was = len(self.config.rollout.engines)
+        group = self.config.rollout.model_copy(update={"engines": list(endpoints)})
+        self.config.rollout = group
+        if self.sync is not None:
+            await self.sync.set_engines(list(endpoints))
+        if self.scheduler is not None:
+            serving = self.sync is None or self.sync.version is None
+            await self.scheduler.set_rollout_engines(group, serving)
+        if self.sync is not None:
+            self.follow_served_versions(self.sync.engine_versions)
+        log.warning("the rollout group was scaled from %d to %d engines", was, len(endpoints))
+        return True
 
     def _start_catch_up(self, sync: SyncCoordinator, strays: list[int]) -> None:
         """Have the coordinator bring healthy engines that are out of the rotation to the job's version from a peer
@@ -482,10 +506,12 @@ async def serve_and_explore(
     probe_seconds: float = 5.0,
     experience_port: int | None = None,
     engines_first: bool = False,
+    config_path: Path | None = None,
 ) -> str:
     """Explore while the status API publishes progress and the sync API takes pushes and serves experiences (without
     a sync coordinator, ``experience_port`` serves the experiences alone); then drain the experience stream.
-    ``engines_first``: start exploring only once every rollout engine is healthy (``wait_for_engines``)."""
+    ``engines_first``: start exploring only once every rollout engine is healthy (``wait_for_engines``);
+    ``config_path``: follow the rollout engines it names as they change (``membership``)."""
     server = status_api.StatusServer(host, port, explorer.report)
 
     async def publish() -> None:
@@ -508,6 +534,7 @@ async def serve_and_explore(
     elif experience_port is not None:
         experiences = await status_api.serve_app(api.build_app(None, lambda: explorer.stream), host, experience_port)
     publisher = asyncio.create_task(publish())
+    follower = asyncio.create_task(membership.follow_config(explorer, config_path)) if config_path else None
     try:
         if engines_first:
             await wait_for_engines(explorer)
@@ -517,8 +544,10 @@ async def serve_and_explore(
         return summary
     finally:
         server.report = explorer.current_report()
-        publisher.cancel()
-        await asyncio.gather(publisher, return_exceptions=True)
+        for task in (publisher, follower):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if explorer.sync is not None:
             await explorer.sync.stop()
         if experiences is not None:

@@ -161,12 +161,25 @@ class EnginePool:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = list(engines)
         self._next = first % len(self.engines)  # where ties start when the pool chooses by itself
+        self._retired: list[OpenAIEngine] = []  # engines a membership change removed (``set_urls``)
 
     @classmethod
     def from_urls(
         cls, urls: Sequence[str], model: str, first: int = 0, transport: httpx.AsyncBaseTransport | None = None
     ) -> EnginePool:
         return cls([OpenAIEngine(url, model, transport=transport) for url in urls], first)
+
+    def set_urls(self, urls: Sequence[str], transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """Follow the group's membership (scale up or down): engines whose index and URL stay are kept (with their
+        clients and counts), the others are made or dropped. A dropped engine's client is closed with the pool, since
+        a request in flight may still use it."""
+        if not urls:
+            raise ValueError("an engine pool needs at least one engine")
+        kept = [e for e, url in zip(self.engines, urls, strict=False) if e.base_url == url.rstrip("/")]
+        model = self.engines[0].model
+        self._retired.extend(self.engines[len(kept) :])
+        self.engines = kept + [OpenAIEngine(url, model, transport=transport) for url in urls[len(kept) :]]
+        self._next %= len(self.engines)
 
     def routed(self, order: Sequence[int] = ()) -> RoutedPool:
         """One task's view: its requests try ``order`` (indices into ``engines``) and only those engines (the
@@ -245,7 +258,7 @@ class EnginePool:
                                         sampling=sampling)  # fmt: skip
 
     async def close(self) -> None:
-        for engine in self.engines:
+        for engine in self.engines + self._retired:
             await engine.close()
 
 

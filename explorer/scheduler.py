@@ -97,6 +97,12 @@ class ActorHost:
             await self.ready()
             self.generation += 1
 
+    async def set_rollout(self, group: explorer_config.EngineGroupConfig) -> None:
+        """The rollout group after a scale: the live actor follows it, and so does any replacement made later."""
+        cfg, _, aux, host_id = self._args
+        self._args = (cfg, group, aux, host_id)
+        await self.actor.set_rollout_engines.remote([e.url for e in group.engines])
+
     async def close(self) -> None:
         self._ray.kill(self.actor, no_restart=True)
 
@@ -240,6 +246,33 @@ class Scheduler:
         self.cleared: dict[BatchId, list[int]] = {}  # task ids a timeout cleared before they finished, per batch
         group = rollout_model if isinstance(rollout_model, explorer_config.EngineGroupConfig) else None
         self.engine_load = engine_load.EngineLoad(len(group.engines)) if group and group.engines else None
+
+    async def set_rollout_engines(self, group: explorer_config.EngineGroupConfig, serving: bool) -> None:
+        """Follow a scale of the rollout group (engine indices are stable: a scale adds or removes the last ones).
+
+        Every runner process gets the new engines; the load picture is resized, added engines ``serving`` or out of
+        the rotation until the explorer finds them at the job's version; runners are added up to
+        ``runnersPerEngine`` per engine (on a scale-down none are removed: the extra ones queue on fewer engines).
+        """
+        if not group.engines:
+            raise ValueError("a rollout group needs at least one engine")
+        await asyncio.gather(*(host.set_rollout(group) for host in self.hosts))
+        if self.engine_load is not None:
+            self.engine_load.resize(len(group.engines), serving)
+        want = len(group.engines) * self.config.scheduler.runners_per_engine
+        if not self.hosts or len(self.runners) >= want:
+            return
+        aux = self.hosts[0]._args[2]
+        limit = self.config.scheduler.runner_processes or want
+        while len(self.hosts) < min(want, limit):
+            host = ActorHost(len(self.hosts), self.config, group, aux)
+            await host.ready()
+            self.hosts.append(host)
+        for runner_id in range(len(self.runners), want):
+            runner = RunnerWrapper(runner_id, group, aux, self.config,
+                                   RayRunner(self.hosts[runner_id % len(self.hosts)]))  # fmt: skip
+            self.runners.append(runner)
+            self._idle.put_nowait(runner)
 
     async def start(self) -> None:
         await asyncio.gather(*(host.ready() for host in self.hosts))

@@ -112,6 +112,12 @@ class WorkflowRunner:
         status = Status(not missing, metric, incomplete if missing else None, _failed(model), _served_by(model))
         return status, experiences
 
+    def set_rollout_engines(self, urls: list[str]) -> int:
+        """The rollout group's engines after a scale (``EnginePool.set_urls``); returns how many there are now."""
+        if isinstance(self.model, inference.EnginePool):
+            self.model.set_urls(urls)
+        return len(urls)
+
     def ping(self) -> int | None:
         return self.runner_id
 

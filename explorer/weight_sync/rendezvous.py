@@ -111,8 +111,8 @@ class SyncCoordinator:
         self.catch_up_group: Group | None = None  # a peer engine sending its weights to engines that must catch up
         self.catch_ups = 0  # engines brought to the job's version from a peer (no trainer push needed)
         self.catching_up = False
+        self.scales = 0  # membership changes followed (``set_engines``)
         self.version: int | None = None
-        self.engines_in_sync: int | None = None
         self.engine_versions: list[str | None] = [None] * len(self.engines)  # what each engine serves, as last known
         self.syncs = 0  # pushes applied over the job's life: recorded with the versions, read back at start
         self.last_sync_time: str | None = None
@@ -137,14 +137,14 @@ class SyncCoordinator:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve the API; adopt the version the engines already serve (a restarted coordinator resumes it) and the
-        newest one recorded in the state directory (no push gets one at or below it)."""
+        """Serve the API; adopt the newest version the engines already serve (a restarted coordinator resumes it;
+        an engine behind it is out of the rotation until it catches up) and the newest one recorded in the state
+        directory (no push gets one at or below it)."""
         served = await asyncio.gather(*(e.weight_version() for e in self.engines), return_exceptions=True)
         self.engine_versions = [v if isinstance(v, str) else None for v in served]
-        known = {v for v in served if isinstance(v, str) and v.isdigit()}
-        if len(known) == 1:
-            self.version = int(known.pop())
-            self.engines_in_sync = sum(1 for v in served if v == str(self.version))
+        known = [int(v) for v in served if isinstance(v, str) and v.isdigit()]
+        if known:  # versions only increase: the newest is the last push applied; engines behind it catch up
+            self.version = max(known)
         try:
             self.newest_version = max(self.version or 0, await self._recorded_version())
             self.syncs = await asyncio.to_thread(versions.load_pushes, self.state_dir)
@@ -232,14 +232,23 @@ class SyncCoordinator:
         )  # fmt: skip
 
     @property
+    def engines_in_sync(self) -> int | None:
+        """Engines serving the job's version, as last known (pushes, catch-ups and the explorer's engine probe keep
+        ``engine_versions``); None before the job has a version."""
+        if self.version is None:
+            return None
+        return sum(1 for served in self.engine_versions if served == str(self.version))
+
+    @property
     def pushing(self) -> bool:
         """Whether some engine's weights may be changing now (a trainer's push, or a catch-up)."""
         return self._push_in_progress() or self.catching_up
 
     @property
-    def weight_changes(self) -> int:
-        """How many times engines' weights have changed under this coordinator (pushes and catch-ups)."""
-        return self.syncs + self.catch_ups
+    def changes(self) -> int:
+        """How many times what the engines serve, or which engines there are, has changed (pushes, catch-ups,
+        scales): a probe of the engines taken across a change says nothing about the rotation."""
+        return self.syncs + self.catch_ups + self.scales
 
     def _push_in_progress(self) -> bool:
         return any(not t.done() for t in self._pushes.values())
@@ -482,7 +491,7 @@ class SyncCoordinator:
         if in_sync == 0:
             raise api.SyncError(502, f"no engine applied version {version}; they keep version {self.version}")
         await self._save_version(version, self.syncs + 1)
-        self.version, self.engines_in_sync, self.syncs = version, in_sync, self.syncs + 1
+        self.version, self.syncs = version, self.syncs + 1
         for index, ok in enumerate(applied):
             if ok:
                 self.engine_versions[index] = str(version)
@@ -536,6 +545,30 @@ class SyncCoordinator:
             applied = await self._apply(finish)
             size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in resolved.glob("*.safetensors")))
             return await self._record(version, applied, size, started, 0.0)
+
+    # ---- membership ----------------------------------------------------------------------------------------
+
+    async def set_engines(self, endpoints: list[explorer_config.EngineEndpoint]) -> None:
+        """Follow a scale of the rollout group, between pushes (a push or catch-up in progress finishes first).
+
+        Engines whose index and URL stay keep their known version; added ones are unknown until a probe reads them
+        (and a catch-up brings them to the job's version). The trainer's group no longer matches the membership:
+        its next push is told to form a new one."""
+        if not endpoints:
+            raise ValueError("a rollout group needs at least one engine")
+        async with self._lock:
+            while self._push_in_progress():
+                await asyncio.wait(set(self._pushes.values()))
+            old = [(e.index, e.endpoint.url) for e in self.engines]
+            kept = [d for d, e in zip(self.engines, endpoints, strict=False) if (d.index, d.endpoint.url) ==
+                    (e.index, e.url)]  # fmt: skip
+            self.engines = kept + [EngineDriver(e, self.http) for e in endpoints[len(kept) :]]
+            self.engine_versions = self.engine_versions[: len(kept)] + [None] * (len(endpoints) - len(kept))
+            self.config.rollout = self.config.rollout.model_copy(update={"engines": list(endpoints)})
+            if self.group is not None and not self.group.broken and old != [(e.index, e.url) for e in endpoints]:
+                self.group.broken = f"the rollout group was scaled from {len(old)} to {len(endpoints)} engines"
+            self.scales += 1
+            log.info("rollout group now %d engines (was %d)", len(endpoints), len(old))
 
     # ---- catch-up -------------------------------------------------------------------------------------------
 

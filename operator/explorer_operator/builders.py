@@ -394,8 +394,8 @@ def build_coordinator_pod(job: JobRef, spec: models.ExplorerJobSpec) -> dict[str
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}],
     }
     # The configuration is mounted, not baked in: scaling engines updates the file in place without changing this
-    # pod's template, so the coordinator (and its progress) survives a scale. The runtime reads engine membership
-    # at start; picking up added engines while running is not built yet (docs/runtime.md).
+    # pod's template, so the coordinator (and its progress) survives a scale; it follows the file's engine list
+    # while running (explorer/membership.py).
     metadata = _metadata(job, f"{job.name}-coordinator", "coordinator")
     pod_spec = _cpu_pod_spec(spec, container)
     own_volumes = [{"name": CONFIG_VOLUME, "configMap": {"name": config_name}}]

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 
-from explorer import credentials, engine_metrics, local_engine, sink
+from explorer import credentials, engine_metrics, local_engine, membership, sink
 from explorer import explorer as explorer_mod
 from explorer.weight_sync import formation_store, protocol, versions
 from explorer.weight_sync.rendezvous import SyncCoordinator
@@ -461,3 +462,56 @@ def test_the_group_forms_over_the_authenticated_store_and_nobody_else_can_write_
     with TrainerClient(address(coordinator)) as trainer:  # the engines form the next group as usual
         assert trainer.push(state).engines_in_sync == 2
     assert max(served_errors(cpu_engines, tiny_model_dir, state)) < TOLERANCE
+
+
+@pytest.mark.timeout(900)
+def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_nothing_more(
+    coordinator: SyncCoordinator, loop: support.LoopThread, ray_cluster: None,
+    cpu_engines: list[local_engine.LocalEngine], tiny_model_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The coordinator follows its config file as the operator rewrites it on ``kubectl scale`` (``membership``):
+    an added engine is brought to the job's version from a peer before it gets a request, runners are added for it,
+    and after a scale-down the removed engine gets no more requests while the trainer pushes to the rest."""
+    config_file = tmp_path / "explorer.yaml"
+
+    def write_config(engines: list[local_engine.LocalEngine]) -> None:
+        cfg = support.sync_config([e.base_url for e in engines], tiny_model_dir, tmp_path, alone.api_port)
+        staged = tmp_path / ".explorer.yaml.new"  # replaced in one step, as kubelet swaps a ConfigMap volume
+        staged.write_text(yaml.safe_dump(cfg.to_wire()))
+        staged.replace(config_file)
+
+    alone = support.start_coordinator(loop, support.sync_config([cpu_engines[0].base_url], tiny_model_dir, tmp_path,
+                                                                free_port()))  # fmt: skip
+    write_config(cpu_engines[:1])
+    rotation = RotationProbe(alone, loop, cpu_engines[:1])
+    follower = asyncio.run_coroutine_threadsafe(membership.follow_config(rotation.explorer, config_file, 0.2),
+                                                loop.loop)  # fmt: skip
+    result = None
+    try:
+        with TrainerClient(address(alone)) as trainer:
+            pushed = support.perturbed_state(tiny_model_dir, seed=13)
+            version = trainer.push(pushed).version
+            assert rotation.served_per_engine(1) >= [8]
+            runners = len(rotation.sched.runners)
+
+            write_config(cpu_engines)  # kubectl scale --replicas=2
+            wait_for(lambda: alone.scales == 1, timeout=30, what="the coordinator follows the rewritten config")
+            rotation.engines = cpu_engines
+            wait_for(lambda: rotation.observe() == [True, True], timeout=180, what="the added engine caught up")
+            assert alone.catch_ups == 1 and alone.engine_versions == [str(version)] * 2
+            assert max(served_errors(cpu_engines, tiny_model_dir, pushed)) < TOLERANCE
+            assert len(rotation.sched.runners) == 2 * runners, "runnersPerEngine for the added engine too"
+            assert min(rotation.served_per_engine(2)) > 0, "the added engine serves"
+
+            write_config(cpu_engines[:1])  # and back to one
+            wait_for(lambda: alone.scales == 2, timeout=30, what="the coordinator follows the scale-down")
+            served = rotation.served_per_engine(3)
+            assert served[1] == 0 and served[0] >= 8, f"requests per engine {served}: the removed engine served"
+            result = trainer.push(support.perturbed_state(tiny_model_dir, seed=14))  # re-forms over one engine
+            assert result.engines == result.engines_in_sync == 1
+    finally:
+        follower.cancel()
+        rotation.stop()
+        loop.run(alone.stop())
+    # The module's coordinator did not see these pushes: its next version must still be newer than what engines serve.
+    coordinator.version = max(coordinator.version or 0, result.version if result else 0, alone.newest_version)

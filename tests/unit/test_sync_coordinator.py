@@ -511,7 +511,7 @@ def test_an_engine_off_the_jobs_version_catches_up_from_a_peer_without_a_push(tm
         assert sync.version == 3 and sync.catch_up_candidates() == [1]
         assert await sync.catch_up([1]) == [1]
         assert engines[1].version == "3" and sync.engine_versions == ["3", "3", "3"]
-        assert sync.catch_ups == 1 and sync.weight_changes == 1 and not sync.pushing
+        assert sync.catch_ups == 1 and sync.changes == 1 and not sync.pushing
         assert await sync.catch_up([1]) == [], "nothing left to catch up"
 
     serve(sync, scenario=scenario)
@@ -553,3 +553,13 @@ def test_no_catch_up_where_engines_keep_no_copy_or_it_is_turned_off(tmp_path: Pa
 
     serve(sync, scenario=scenario)
     assert "ext_send_served" not in engines[0].rpcs
+
+
+def test_a_restarted_coordinator_adopts_the_newest_version_its_engines_serve(tmp_path: Path) -> None:
+    """Engines that disagree (one failed an apply, one restarted): the job is at the newest; the others catch up."""
+    sync = coordinator(tmp_path, "gloo", engines=[FakeEngine(0, "4"), FakeEngine(1, "5"), FakeEngine(2, None)])
+
+    async def scenario() -> None:
+        assert sync.version == 5 and sync.engines_in_sync == 1 and sync.catch_up_candidates() == [0, 2]
+
+    serve(sync, scenario=scenario)
