@@ -137,6 +137,31 @@ def baselines(nbytes: int, bucket: int) -> tuple[float, float]:
     return raw_two, raw_formation
 
 
+def catch_up(
+    loop: asyncio.AbstractEventLoop, coordinator: SyncCoordinator, engine: local_engine.LocalEngine,
+    push_seconds: float, name: str, state: dict[str, torch.Tensor],
+) -> None:  # fmt: skip
+    """Restart one engine (base weights again) and time its catch-up from the peer, beside the trainer's push."""
+    engine.stop()
+    engine.launch()
+    engine.wait_ready(1200)
+
+    async def run() -> tuple[list[int], float, str | None]:
+        index = coordinator.engines.index(next(d for d in coordinator.engines if d.endpoint.url == engine.base_url))
+        coordinator.engine_versions[index] = await coordinator.engines[index].weight_version()  # what a probe reads
+        started = time.monotonic()
+        caught_up = await coordinator.catch_up([index])
+        seconds = time.monotonic() - started
+        served = await coordinator.get_weight(name, engine=index)
+        return caught_up, seconds, None if torch.equal(served, state[name]) else f"{name} differs from the push"
+
+    caught_up, seconds, problem = asyncio.run_coroutine_threadsafe(run(), loop).result(900)
+    if not caught_up or problem:
+        raise SystemExit(f"catch-up failed: {coordinator.last_error or problem}")
+    print(f"catch-up of 1 restarted engine from its peer: {seconds:6.2f} s (the trainer's last push to 2 engines: "
+          f"{push_seconds:.2f} s; no trainer involved; {name} checked equal to the push)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pushes", type=int, default=3)
@@ -203,6 +228,7 @@ def main() -> None:
                 print(f"push {i + 1} (v{figures.version}): {figures.seconds:6.2f} s  "
                       f"{figures.bytes_per_second / GIB:5.2f} GiB/s = {ratio:.2f}x raw 2-receiver TCP; "
                       f"apply {figures.apply_seconds:.2f} s; engines in sync {figures.engines_in_sync}/2")  # fmt: skip
+            catch_up(loop, coordinator, engines[1], figures.seconds, next(iter(state)), state)
         for engine in engines:
             for line in engine.log_tail(400).splitlines():
                 if "received" in line or "applied" in line:

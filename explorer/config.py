@@ -73,6 +73,15 @@ class TasksetSpec(WireModel):
     response_key: str = Field(default="answer", description="Field holding the reference answer.")
 
 
+class EvalTasksetSpec(TasksetSpec):
+    """An eval set: a taskset run ``repeatTimes`` times per task every ``explore.evalInterval`` steps."""
+
+    name: str = Field(default="eval", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Name of the eval set in status.eval, the manifest and metrics.")  # fmt: skip
+    repeat_times: int = Field(default=1, ge=1, le=1024, description="Runs per task: the n of mean@n, best@n, pass@n.")
+    pass_threshold: float = Field(default=1.0, description="A run passes (pass@k) when its reward is at least this.")
+
+
 class WorkflowSpec(WireModel):
     """The workflow each task runs and how it is rewarded."""
 
@@ -141,7 +150,9 @@ class ExploreSpec(WireModel):
     repeat_times: int = Field(default=8, ge=1, le=1024, description="Samples per task.")
     total_steps: int = Field(default=100, ge=1, description="Steps to explore before the job succeeds.")
     eval_interval: int = Field(default=0, ge=0, description="Evaluate every N steps (0: never).")
-    eval_tasksets: list[TasksetSpec] = Field(default_factory=list, description="Tasksets to evaluate on.")
+    eval_tasksets: list[EvalTasksetSpec] = Field(default_factory=list, max_length=32,
+                                                 description="Eval sets, each with its own repeat count.")  # fmt: skip
+    eval_on_start: bool = Field(default=False, description="Also evaluate before the first step (reported as step 0).")
     on_step_timeout: StepTimeoutPolicy = Field(
         default="commit",
         description="When a step's wait (taskTimeoutSeconds x (maxRetryTimes + 1)) expires: commit the tasks that "

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from explorer import config as explorer_config
-from explorer import credentials, membership, sink, status_api, taskset, workflow_runner
+from explorer import credentials, eval_metrics, membership, sink, status_api, taskset, workflow_runner
 from explorer import scheduler as scheduler_mod
 from explorer.experience import Experience
 from explorer.experience_stream import ExperienceStream
@@ -90,6 +90,7 @@ class Explorer:
         self.scheduler: scheduler_mod.Scheduler | None = None
         self._catch_up: asyncio.Task[None] | None = None
         self._catch_up_after = 0.0
+        self._scaling = False
         if sync is not None:
             sync.on_version = self._on_version
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
@@ -148,9 +149,9 @@ class Explorer:
     async def explore(self) -> str:
         """Run to ``total_steps`` (or resume there); returns a one-line summary."""
         tasks, self.row_errors = taskset.load_taskset(self.config.taskset)
-        evals = [(t.name, taskset.load_taskset(t, is_eval=True)[0]) for t in self.config.explore.eval_tasksets]
         state = self._resume_state()
         sched = await self._start_scheduler()
+        evals = await self._start_evals(sched, state)
         self.report = self.report.model_copy(update={"phase": "Running", "step": state.step})
         written = 0
         if self.sync is not None:
@@ -283,17 +284,34 @@ class Explorer:
                         batch_id, len(missing), missing)  # fmt: skip
         return statuses, experiences, missing
 
-    async def _evaluate(self, sched: scheduler_mod.Scheduler, step: int, evals: list[tuple[str, list[Task]]]) -> None:
+    async def _start_evals(
+        self, sched: scheduler_mod.Scheduler, state: ExplorerState
+    ) -> list[tuple[explorer_config.EvalTasksetSpec, list[Task]]]:
+        """The eval sets' tasks; evaluated once before the first step with ``evalOnStart`` (not on a resume)."""
+        evals = [(t, taskset.load_taskset(t, is_eval=True)[0]) for t in self.config.explore.eval_tasksets]
+        if self.config.explore.eval_on_start and state.step == 0:
+            await self._evaluate(sched, 0, evals, due=True)
+        return evals
+
+    async def _evaluate(
+        self, sched: scheduler_mod.Scheduler, step: int,
+        evals: list[tuple[explorer_config.EvalTasksetSpec, list[Task]]], due: bool = False,
+    ) -> None:  # fmt: skip
+        """Every ``evalInterval`` steps (or ``due``): each eval set's tasks ``repeatTimes`` times; its figures
+        (``eval_metrics``) go to the report (latest per set), the manifest (every step) and the log."""
         interval = self.config.explore.eval_interval
-        if not interval or step % interval:
+        if not due and (not interval or step % interval):
             return
-        for name, tasks in evals:
-            batch_id = f"{step}/{name}"
-            sched.schedule(tasks, batch_id=batch_id)
+        for spec, tasks in evals:
+            batch_id = f"{step}/{spec.name}"
+            sched.schedule(tasks, batch_id=batch_id, repeat_times=spec.repeat_times)
             _, experiences, missing = await self._collect(sched, batch_id)
-            rewards = [e.reward for e in experiences]
-            self.eval_metrics[batch_id] = {"reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-                                           "missing_tasks": float(len(missing))}  # fmt: skip
+            figures = eval_metrics.summarize(experiences, spec.repeat_times, spec.pass_threshold, missing)
+            self.eval_metrics[batch_id] = figures
+            await asyncio.to_thread(self.sink.record_eval, spec.name, step, figures)
+            latest = {**self.report.eval, spec.name: status_api.EvalResult(step=step, metrics=figures)}
+            self.report = self.report.model_copy(update={"eval": latest})
+            log.info("eval %s after step %d: %s", spec.name, step, json.dumps(figures))
 
     async def _at_boundary(self, step: int, boundaries: int, lag: int | None) -> None:
         """A sync boundary: hand over to the hook, or wait until the trainer is at most ``lag`` pushes behind."""
@@ -370,8 +388,11 @@ class Explorer:
         return left_out
 
     def version_mark(self) -> tuple[int, bool]:
-        """Pushes so far and whether one is under way: a probe taken across a change must not decide the rotation."""
-        return (self.sync.changes, self.sync.pushing) if self.sync is not None else (0, False)
+        """Changes so far (pushes, catch-ups, scales) and whether one is under way: a probe taken across a change
+        must not decide the rotation."""
+        if self.sync is None:
+            return (0, self._scaling)
+        return (self.sync.changes, self.sync.pushing or self._scaling)
 
     def observe_engines(
         self, engines: list[status_api.EngineState], mark: tuple[int, bool]
@@ -379,7 +400,10 @@ class Explorer:
         """Probed engines (``probe_engines``, taken after ``version_mark`` gave ``mark``): the versions they serve
         decide the rotation (an engine that restarted comes back on the base weights), each marked in or out."""
         sync = self.sync
+        load = self.scheduler.engine_load if self.scheduler is not None else None
         if sync is None or mark[1] or self.version_mark() != mark or len(engines) != len(sync.engine_versions):
+            return engines
+        if load is not None and len(load.serving) != len(engines):  # mid-scale: the parts disagree for a moment
             return engines
         sync.engine_versions = [e.policy_version if e.healthy else None for e in engines]
         left_out = set(self.follow_served_versions(sync.engine_versions))
@@ -399,14 +423,18 @@ class Explorer:
             raise ValueError("a rollout group needs at least one engine")
         was = len(self.config.rollout.engines)
         group = self.config.rollout.model_copy(update={"engines": list(endpoints)})
-        self.config.rollout = group
-        if self.sync is not None:
-            await self.sync.set_engines(list(endpoints))
-        if self.scheduler is not None:
-            serving = self.sync is None or self.sync.version is None
-            await self.scheduler.set_rollout_engines(group, serving)
-        if self.sync is not None:
-            self.follow_served_versions(self.sync.engine_versions)
+        self._scaling = True  # until every part has the new engines, a probe says nothing about the rotation
+        try:
+            self.config.rollout = group
+            if self.sync is not None:
+                await self.sync.set_engines(list(endpoints))
+            if self.scheduler is not None:
+                serving = self.sync is None or self.sync.version is None
+                await self.scheduler.set_rollout_engines(group, serving)
+            if self.sync is not None:
+                self.follow_served_versions(self.sync.engine_versions)
+        finally:
+            self._scaling = False
         log.warning("the rollout group was scaled from %d to %d engines", was, len(endpoints))
         return True
 

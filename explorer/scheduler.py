@@ -291,20 +291,21 @@ class Scheduler:
         await asyncio.gather(*(host.close() for host in self.hosts), return_exceptions=True)
 
     # ---- scheduling ------------------------------------------------------------------------------------
-    def _split(self, task: Task, batch_id: BatchId, index: int) -> list[TaskWrapper]:
-        repeat = self.config.explore.repeat_times if not task.is_eval else 1
+    def _split(self, task: Task, batch_id: BatchId, index: int, repeat_times: int | None) -> list[TaskWrapper]:
+        repeat = repeat_times or (self.config.explore.repeat_times if not task.is_eval else 1)
         chunk = self.config.scheduler.max_repeat_times_per_runner or repeat
         return [
             TaskWrapper(task, batch_id, run_id_base=base, repeat_times=min(chunk, repeat - base), index=index)
             for base in range(0, repeat, chunk)
         ]
 
-    def schedule(self, tasks: Sequence[Task], batch_id: BatchId) -> None:
-        """Queue ``tasks`` as batch ``batch_id`` (an int, or a string starting with an int); never blocks."""
+    def schedule(self, tasks: Sequence[Task], batch_id: BatchId, repeat_times: int | None = None) -> None:
+        """Queue ``tasks`` as batch ``batch_id`` (an int, or a string starting with an int); never blocks.
+        ``repeat_times``: runs per task (default ``explore.repeatTimes``, one for eval tasks)."""
         batch = self._batches.setdefault(batch_id, _Batch(batch_id))
         for task in tasks:
             index, batch.next_index = batch.next_index, batch.next_index + 1
-            subtasks = self._split(task, batch_id, index)
+            subtasks = self._split(task, batch_id, index, repeat_times)
             batch.tasks[index] = _TaskResult(task.task_id, subtasks=len(subtasks))
             for sub in subtasks:
                 self._push(sub, batch, retry=False)

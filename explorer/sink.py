@@ -103,6 +103,13 @@ class ExperienceSink:
             write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
             return True
 
+    def record_eval(self, name: str, step: int, metrics: dict[str, float]) -> None:
+        """Keep an eval set's figures at ``step`` in the manifest (``eval.<name>.<step>``), written durably."""
+        with self._manifest_lock:
+            manifest = self.manifest()
+            manifest.setdefault("eval", {}).setdefault(name, {})[str(step)] = metrics
+            write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+
     def remove_step(self, step: int) -> bool:
         """Delete a committed step's file, its manifest entry kept and marked ``removed`` (marked first: the manifest
         never lists a missing file as present); False when it was removed already."""

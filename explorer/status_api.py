@@ -11,7 +11,8 @@ import asyncio
 from typing import Literal
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from explorer import credentials, http_auth
 from explorer.config import WireModel
@@ -19,7 +20,14 @@ from explorer.config import WireModel
 ReportPhase = Literal["Starting", "Running", "Succeeded", "Failed"]
 
 
-class EngineState(WireModel):
+class ReportModel(WireModel):
+    """A part of the report: fields it does not know are ignored, so an operator older than its coordinator still
+    reads the report (a config, by contrast, refuses them)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class EngineState(ReportModel):
     """One rollout engine as the coordinator last saw it."""
 
     index: int
@@ -31,7 +39,16 @@ class EngineState(WireModel):
     )
 
 
-class CoordinatorReport(WireModel):
+class EvalResult(ReportModel):
+    """The latest evaluation of one eval set (``eval_metrics``)."""
+
+    step: int = Field(ge=0, description="The explore step after which it ran (0: before the first, evalOnStart).")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="mean@n, best@n, pass@1, pass@n, tasks, runs, missingTasks."
+    )
+
+
+class CoordinatorReport(ReportModel):
     """The explorer's own account of its progress and of the weight-sync group."""
 
     phase: ReportPhase = "Starting"
@@ -59,6 +76,7 @@ class CoordinatorReport(WireModel):
     failure_reason: str | None = Field(
         default=None, description="Why the explorer failed, when that is final (TrainerTimeout): not worth a restart."
     )
+    eval: dict[str, EvalResult] = Field(default_factory=dict, description="Latest evaluation of each eval set.")
     message: str = ""
 
 

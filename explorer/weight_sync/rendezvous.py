@@ -193,15 +193,7 @@ class SyncCoordinator:
 
     async def _close_group(self) -> None:
         group, self.group = self.group, None
-        if group is None:
-            return
-        for task in group.joins:
-            task.cancel()
-        await asyncio.gather(*group.joins, return_exceptions=True)
-        if group.keys is not None:
-            await group.keys.close("the group was closed")
-        shutdowns = (e.post("/shutdown_weight_transfer_engine") for e in self.engines)
-        await asyncio.gather(*shutdowns, return_exceptions=True)
+        await _dismantle(group, self.engines, "the group was closed")
 
     async def _validate(self, metas: list[protocol.TensorMeta]) -> None:
         unknown = [f"tensor {m.name!r} has unsupported dtype {m.dtype!r}" for m in metas
@@ -662,14 +654,7 @@ class SyncCoordinator:
 
     async def _close_catch_up(self, strays: list[EngineDriver]) -> None:
         group, self.catch_up_group = self.catch_up_group, None
-        if group is None:
-            return
-        for task in group.joins:
-            task.cancel()
-        await asyncio.gather(*group.joins, return_exceptions=True)
-        if group.keys is not None:
-            await group.keys.close("the catch-up is over")
-        await asyncio.gather(*(e.post("/shutdown_weight_transfer_engine") for e in strays), return_exceptions=True)
+        await _dismantle(group, strays, "the catch-up is over")
 
     # ---- explorer side ---------------------------------------------------------------------------------------
 
@@ -708,3 +693,15 @@ async def _unless_failed(sender: asyncio.Task[Any], step: Awaitable[Any]) -> Any
         sender.result()  # raises the sender's error
         raise api.SyncError(502, "the sending engine finished before its receivers")
     return waiting.result()
+
+
+async def _dismantle(group: Group | None, engines: list[EngineDriver], why: str) -> None:
+    """Cancel ``group``'s joins, close its store and have ``engines`` leave it (errors ignored: they may be gone)."""
+    if group is None:
+        return
+    for task in group.joins:
+        task.cancel()
+    await asyncio.gather(*group.joins, return_exceptions=True)
+    if group.keys is not None:
+        await group.keys.close(why)
+    await asyncio.gather(*(e.post("/shutdown_weight_transfer_engine") for e in engines), return_exceptions=True)

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.vllm
 def write_config(tmp_path: Path, engines: list[local_engine.LocalEngine], steps: int, port: int) -> Path:
     rows = [json.dumps({"question": f"What is {i} plus {i}?", "answer": str(2 * i)}) for i in range(5)]
     (tmp_path / "train.jsonl").write_text("\n".join([*rows, "{not json}"]) + "\n")
+    held_out = [json.dumps({"question": f"What is {i} times 2?", "answer": str(2 * i)}) for i in range(2)]
+    (tmp_path / "held-out.jsonl").write_text("\n".join(held_out) + "\n")
     cfg = {
         "job": "restart", "namespace": "local", "statusPort": port,
         "rollout": {"name": "rollout", "model": {"path": "tiny", "servedName": "tiny"},
@@ -33,7 +35,9 @@ def write_config(tmp_path: Path, engines: list[local_engine.LocalEngine], steps:
                                 for i, e in enumerate(engines)]},
         "taskset": {"path": str(tmp_path / "train.jsonl")},
         "workflow": {"name": "math", "maxTokens": 8},
-        "explore": {"batchSize": 3, "repeatTimes": 2, "totalSteps": steps},
+        "explore": {"batchSize": 3, "repeatTimes": 2, "totalSteps": steps, "evalInterval": 3, "evalOnStart": True,
+                    "evalTasksets": [{"name": "held-out", "path": str(tmp_path / "held-out.jsonl"),
+                                      "repeatTimes": 3}]},
         "scheduler": {"runnersPerEngine": 1, "taskTimeoutSeconds": 60},
         "sync": {"method": "gloo", "style": "trainer_driven", "port": free_port()},
         "experiences": {"path": str(tmp_path / "out"), "format": "jsonl"},
@@ -67,6 +71,9 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
         assert report["phase"] == "Running" and report["totalSteps"] == 6
         assert report["experiences"] == 12 and report["failedTasks"] == 0 and report["experiencesPerSecond"] > 0
         assert report["missingTasks"] == 0  # no step's wait expired
+        held_out = report["eval"]["held-out"]  # evalOnStart: before step 1, each task 3 times
+        assert held_out["step"] == 0 and held_out["metrics"]["runs"] == 6 and held_out["metrics"]["tasks"] == 2
+        assert 0 <= held_out["metrics"]["pass@1"] <= held_out["metrics"]["pass@3"] <= 1
         engines = report["engines"]
         assert [(e["index"], e["healthy"]) for e in engines] == [(0, True), (1, True)], engines
         first.kill()  # SIGKILL: no chance to clean up
@@ -85,6 +92,8 @@ def test_killed_coordinator_resumes_at_the_last_committed_step_without_duplicate
     assert f"{tmp_path / 'train.jsonl'}:6: not valid JSON" in log  # the bad row is named, the rest ran
     assert out.committed_steps() == {1, 2, 3, 4, 5, 6}
     assert all(entry["missingTasks"] == [] for entry in out.manifest()["steps"].values())
+    evals = out.manifest()["eval"]["held-out"]  # on start (first run), then every 3 steps; not again on resume
+    assert sorted(evals, key=int) == ["0", "3", "6"] and all(e["runs"] == 6 for e in evals.values()), evals
     for step, body in files_before.items():
         assert (tmp_path / "out" / f"step-{step:08d}.jsonl").read_bytes() == body  # never rewritten
     for step in range(1, 7):

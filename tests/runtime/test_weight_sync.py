@@ -490,12 +490,19 @@ def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_not
     try:
         with TrainerClient(address(alone)) as trainer:
             pushed = support.perturbed_state(tiny_model_dir, seed=13)
-            version = trainer.push(pushed).version
+            # Newer than anything either engine serves (earlier tests pushed with other coordinators' ledgers), so
+            # engine 1 cannot already report this version.
+            served = [httpx.get(f"{e.base_url}/weight_info", headers=job_headers()).json().get("weight_version")
+                      for e in cpu_engines]  # fmt: skip
+            newest = max((int(v) for v in served if isinstance(v, str) and v.isdigit()), default=0)
+            version = trainer.push(pushed, version=newest + 1).version
             assert rotation.served_per_engine(1) >= [8]
             runners = len(rotation.sched.runners)
 
             write_config(cpu_engines)  # kubectl scale --replicas=2
-            wait_for(lambda: alone.scales == 1, timeout=30, what="the coordinator follows the rewritten config")
+            wait_for(lambda: rotation.sched.engine_load and len(rotation.sched.engine_load.serving) == 2, timeout=30,
+                     what="the coordinator follows the rewritten config")  # fmt: skip
+            assert alone.scales == 1
             rotation.engines = cpu_engines
             wait_for(lambda: rotation.observe() == [True, True], timeout=180, what="the added engine caught up")
             assert alone.catch_ups == 1 and alone.engine_versions == [str(version)] * 2
@@ -504,7 +511,9 @@ def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_not
             assert min(rotation.served_per_engine(2)) > 0, "the added engine serves"
 
             write_config(cpu_engines[:1])  # and back to one
-            wait_for(lambda: alone.scales == 2, timeout=30, what="the coordinator follows the scale-down")
+            wait_for(lambda: rotation.sched.engine_load and len(rotation.sched.engine_load.serving) == 1, timeout=30,
+                     what="the coordinator follows the scale-down")  # fmt: skip
+            assert alone.scales == 2
             served = rotation.served_per_engine(3)
             assert served[1] == 0 and served[0] >= 8, f"requests per engine {served}: the removed engine served"
             result = trainer.push(support.perturbed_state(tiny_model_dir, seed=14))  # re-forms over one engine

@@ -263,3 +263,34 @@ def test_an_experience_from_an_engine_at_another_version_carries_that_engines_ve
     assert (restarted.policy_version, restarted.policy_versions) == (None, []), "base weights: no pushed version"
     assert (behind.policy_version, behind.policy_versions) == (3, [3])
     assert unknown.policy_version == 4, "no engine picture (no scheduler order): the step's version"
+
+
+class FirstRunPasses(DelayRunner):
+    """Unit-test runner: eval runs pass only as run 0 of each task (reward 1), every other run scores 0."""
+
+    async def run(self, task: scheduler.TaskWrapper, timeout: float) -> tuple[Status, list[Experience]]:
+        status, experiences = await super().run(task, timeout)
+        for exp in experiences:
+            exp.reward = 1.0 if exp.run_id == 0 or not task.task.is_eval else 0.0
+        return status, experiences
+
+
+def test_eval_sets_run_their_own_repeats_and_land_in_the_report_and_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = scheduler.Scheduler
+    monkeypatch.setattr(scheduler, "Scheduler", lambda cfg, rollout, aux=None: real(
+        cfg, rollout, aux, backend_factory=lambda _: FirstRunPasses()))  # fmt: skip
+    cfg = explorer_config(tmp_path, delay=0.0, steps=2, evalInterval=2, evalOnStart=True,
+                          evalTasksets=[{"name": "held-out", "path": str(tmp_path / "train.jsonl"),
+                                         "repeatTimes": 4}])  # fmt: skip
+    explorer = explorer_mod.Explorer(cfg)
+    asyncio.run(explorer.explore())
+    figures = explorer.report.eval["held-out"]
+    assert figures.step == 2
+    assert figures.metrics["runs"] == 8 and figures.metrics["tasks"] == 2, "two tasks, four runs each"
+    assert figures.metrics["mean@4"] == 0.25 and figures.metrics["best@4"] == 1.0
+    assert figures.metrics["pass@1"] == 0.25 and figures.metrics["pass@4"] == 1.0
+    manifest = sink.ExperienceSink(tmp_path / "out").manifest()
+    assert sorted(manifest["eval"]["held-out"]) == ["0", "2"], "on start, then every evalInterval steps"
+    assert set(manifest["steps"]) == {"1", "2"}, "eval experiences are not training steps"

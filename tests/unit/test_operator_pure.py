@@ -356,3 +356,16 @@ def test_an_overdue_trainer_degrades_the_job_and_a_final_trainer_timeout_fails_i
     assert result.status.get("restarts", 0) == 0 and not result.status.get("pendingRestarts")
     assert not [o for o in result.applies if o["kind"] == "Pod"]  # no new coordinator to wait again
     assert [e.reason for e in result.events if e.type == "Warning"] == ["TrainerTimeout"]
+
+
+def test_the_latest_eval_of_each_set_reaches_the_job_status() -> None:
+    from explorer import status_api
+    from explorer_operator import conditions, models
+
+    report = status_api.CoordinatorReport.model_validate({
+        "step": 4, "eval": {"held-out": {"step": 4, "metrics": {"mean@4": 0.5, "pass@4": 0.75}}},
+        "aFieldFromANewerCoordinator": {"x": 1},  # ignored: an older operator still reads the report
+    })  # fmt: skip
+    status = models.ExplorerJobStatus()
+    conditions._take_report(status, report, ended=False)
+    assert status.to_wire()["eval"] == {"held-out": {"step": 4, "metrics": {"mean@4": 0.5, "pass@4": 0.75}}}
