@@ -229,8 +229,9 @@ class Scheduler:
         count = runner_count or engines * config.scheduler.runners_per_engine
         processes = min(count, config.scheduler.runner_processes or count)
         self.hosts: list[ActorHost] = []
+        self._auxiliary = list(auxiliary_models or [])
         if backend_factory is None:
-            self.hosts = [ActorHost(i, config, rollout_model, auxiliary_models or []) for i in range(processes)]
+            self.hosts = [ActorHost(i, config, rollout_model, self._auxiliary) for i in range(processes)]
         self.runners = [
             RunnerWrapper(i, rollout_model, auxiliary_models, config,
                           backend_factory(i) if backend_factory else RayRunner(self.hosts[i % processes]))
@@ -262,14 +263,13 @@ class Scheduler:
         want = len(group.engines) * self.config.scheduler.runners_per_engine
         if not self.hosts or len(self.runners) >= want:
             return
-        aux = self.hosts[0]._args[2]
         limit = self.config.scheduler.runner_processes or want
         while len(self.hosts) < min(want, limit):
-            host = ActorHost(len(self.hosts), self.config, group, aux)
+            host = ActorHost(len(self.hosts), self.config, group, self._auxiliary)
             await host.ready()
             self.hosts.append(host)
         for runner_id in range(len(self.runners), want):
-            runner = RunnerWrapper(runner_id, group, aux, self.config,
+            runner = RunnerWrapper(runner_id, group, self._auxiliary, self.config,
                                    RayRunner(self.hosts[runner_id % len(self.hosts)]))  # fmt: skip
             self.runners.append(runner)
             self._idle.put_nowait(runner)

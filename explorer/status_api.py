@@ -12,7 +12,6 @@ from typing import Literal
 
 from aiohttp import web
 from pydantic import ConfigDict, Field
-from pydantic.alias_generators import to_camel
 
 from explorer import credentials, http_auth
 from explorer.config import WireModel
@@ -24,7 +23,7 @@ class ReportModel(WireModel):
     """A part of the report: fields it does not know are ignored, so an operator older than its coordinator still
     reads the report (a config, by contrast, refuses them)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # merged with WireModel's (camelCase aliases)
 
 
 class EngineState(ReportModel):
@@ -40,11 +39,12 @@ class EngineState(ReportModel):
 
 
 class EvalResult(ReportModel):
-    """The latest evaluation of one eval set (``eval_metrics``)."""
+    """The latest evaluation of one eval set, figures from explorer/eval_metrics.py."""
 
     step: int = Field(ge=0, description="The explore step after which it ran (0: before the first, evalOnStart).")
     metrics: dict[str, float] = Field(
-        default_factory=dict, description="mean@n, best@n, pass@1, pass@n, tasks, runs, missingTasks."
+        default_factory=dict,
+        description="mean@n, best@n, pass@1, pass@n (n: the set's repeatTimes), tasks, runs, missingTasks.",
     )
 
 

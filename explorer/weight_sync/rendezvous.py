@@ -276,13 +276,10 @@ class SyncCoordinator:
             if self.spec.method == "checkpoint":
                 group.ready = True  # engines read the shared volume; no process group to form
                 return self._group_info(group)
-            chunk_bytes = protocol.chunk_bytes(wire, self.spec.bucket_bytes)
-            store_url = self.api_url()
+            gloo_chunks = protocol.chunk_bytes(wire, self.spec.bucket_bytes) if self.spec.method == "gloo" else None
             for slot in slots:
-                init = self._init_info(slot, world, incarnation)
-                if self.spec.method == "gloo":
-                    init.update(store_url=store_url, bucket_bytes=self.spec.bucket_bytes, chunk_bytes=chunk_bytes)
-                else:
+                init = self._init_info(slot, world, incarnation, gloo_chunks)
+                if gloo_chunks is None:
                     init.update(packed=True, packed_buffer_size_bytes=self.spec.bucket_bytes)
                 group.init_infos.append(init)
             if self.spec.method == "gloo":
@@ -290,9 +287,16 @@ class SyncCoordinator:
                 self._start_joins(group)
             return self._group_info(group)
 
-    def _init_info(self, slot: protocol.RankSlot, world: int, incarnation: str) -> dict[str, Any]:
-        return {"rank_offset": slot.rank_offset, "world_size": world, "incarnation": incarnation,
-                "timeout_seconds": self.spec.timeout_seconds}  # fmt: skip
+    def _init_info(
+        self, slot: protocol.RankSlot, world: int, incarnation: str, gloo_chunks: list[int] | None = None
+    ) -> dict[str, Any]:
+        """One engine's ``init_info``; with ``gloo_chunks`` (the chunk sizes it will receive) a gloo group formed
+        over this API's store."""
+        init: dict[str, Any] = {"rank_offset": slot.rank_offset, "world_size": world, "incarnation": incarnation,
+                                "timeout_seconds": self.spec.timeout_seconds}  # fmt: skip
+        if gloo_chunks is not None:
+            init.update(store_url=self.api_url(), bucket_bytes=self.spec.bucket_bytes, chunk_bytes=gloo_chunks)
+        return init
 
     def _start_joins(self, group: Group, engines: list[EngineDriver] | None = None) -> None:
         """Every engine (of ``engines``) joins at its rank (each blocks in vLLM until the whole group has formed)."""
@@ -423,8 +427,7 @@ class SyncCoordinator:
         self, group: Group, version: int, metas: list[protocol.TensorMeta]
     ) -> protocol.PushResult:
         started = time.monotonic()
-        info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-                "shapes": [m.shape for m in metas]}  # fmt: skip
+        info = _update_info(metas)
         timeout = self.spec.timeout_seconds + 30
         received = await asyncio.gather(
             *(e.post("/update_weights", {"update_info": info}, timeout=timeout) for e in self.engines),
@@ -618,9 +621,7 @@ class SyncCoordinator:
         self.catch_up_group = group
         store_url, timeout = self.api_url(), self.spec.timeout_seconds
         chunk_bytes = protocol.chunk_bytes(metas, self.spec.bucket_bytes)
-        for slot in slots:
-            extra = {"store_url": store_url, "bucket_bytes": self.spec.bucket_bytes, "chunk_bytes": chunk_bytes}
-            group.init_infos.append(self._init_info(slot, world, incarnation) | extra)
+        group.init_infos = [self._init_info(slot, world, incarnation, chunk_bytes) for slot in slots]
         plan = json.dumps({"store_url": store_url, "incarnation": incarnation, "token": token, "world_size": world,
                            "timeout_seconds": timeout, "bucket_bytes": self.spec.bucket_bytes,
                            "names": [m.name for m in metas]})  # fmt: skip
@@ -631,8 +632,7 @@ class SyncCoordinator:
             await _unless_failed(send, asyncio.gather(*group.joins))
             await group.keys.close("the catch-up group has formed")  # type: ignore[union-attr]
             await asyncio.gather(*(e.post("/start_weight_update") for e in strays))
-            info = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
-                    "shapes": [m.shape for m in metas]}  # fmt: skip
+            info = _update_info(metas)
             await _unless_failed(send, asyncio.gather(*(
                 e.post("/update_weights", {"update_info": info}, timeout=timeout + 30) for e in strays)))  # fmt: skip
             await send
@@ -680,6 +680,12 @@ class SyncCoordinator:
             version=self.version, engines=len(self.engines), engines_in_sync=self.engines_in_sync or 0,
             last_error=self.last_error, extra={"trainer": holder} if holder else {},
         )  # fmt: skip
+
+
+def _update_info(metas: list[protocol.TensorMeta]) -> dict[str, Any]:
+    """The ``update_info`` of ``/update_weights``: what the engines stage, in the order it is broadcast."""
+    return {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+            "shapes": [m.shape for m in metas]}  # fmt: skip
 
 
 async def _unless_failed(sender: asyncio.Task[Any], step: Awaitable[Any]) -> Any:

@@ -168,7 +168,7 @@ def compute(
 def _take_report(status: models.ExplorerJobStatus, report: Any, ended: bool) -> None:
     status.step = report.step
     status.policy_version = report.policy_version
-    status.eval = {name: models.EvalStatus(step=e.step, metrics=e.metrics) for name, e in report.eval.items()}
+    status.eval = dict(report.eval)
     # An ended coordinator's final report counts engines that may be gone by now.
     in_sync = report.engines_in_sync or 0
     status.engines.in_sync = in_sync if ended else min(in_sync, status.engines.ready)

@@ -16,6 +16,7 @@ from explorer.config import (
     WireModel,
     WorkflowSpec,
 )
+from explorer.status_api import EvalResult  # the status mirrors what the coordinator reports
 
 GROUP = "explorer.rft.dev"
 VERSION = "v1alpha1"
@@ -253,16 +254,6 @@ class SyncStatus(WireModel):
     )
 
 
-class EvalStatus(WireModel):
-    """The latest evaluation of one eval set, as the coordinator reports it."""
-
-    step: int = Field(default=0, description="The explore step after which it ran (0: evalOnStart).")
-    metrics: dict[str, float] = Field(
-        default_factory=dict,
-        description="mean@n, best@n, pass@1, pass@n (n: the set's repeatTimes), tasks, runs, missingTasks.",
-    )
-
-
 class PendingRestart(WireModel):
     """A failed pod waiting out its backoff before it is recreated."""
 
@@ -286,4 +277,4 @@ class ExplorerJobStatus(WireModel):
     completion_time: str | None = None
     restarts: int = 0
     pending_restarts: list[PendingRestart] = Field(default_factory=list)
-    eval: dict[str, EvalStatus] = Field(default_factory=dict, description="Latest evaluation of each eval set.")
+    eval: dict[str, EvalResult] = Field(default_factory=dict, description="Latest evaluation of each eval set.")
