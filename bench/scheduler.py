@@ -38,6 +38,10 @@ class InstantModel:
     async def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> list[inference.Completion]:
         return await self.generate("", **kwargs)
 
+    async def chat_completion(self, body: Any) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "42"}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "prompt_token_ids": [1, 2, 3]}
+
     async def close(self) -> None:
         return None
 

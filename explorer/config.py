@@ -59,6 +59,9 @@ class SchedulerSpec(WireModel):
 BUILTIN_TASKSETS = ("builtin:arithmetic",)
 
 
+RewardName = Literal["math", "exact_match", "format", "math_and_format"]  # explorer.rewards.REWARDS
+
+
 class TasksetSpec(WireModel):
     """A taskset file on a mounted volume."""
 
@@ -71,6 +74,9 @@ class TasksetSpec(WireModel):
     format: Literal["jsonl", "parquet"] | None = Field(default=None, description="File format; inferred if unset.")
     prompt_key: str = Field(default="question", description="Field holding the prompt.")
     response_key: str = Field(default="answer", description="Field holding the reference answer.")
+    reward_key: str = Field(
+        default="reward", description="Field naming a row's own reward (one of workflow.reward's values), if any."
+    )
 
 
 class EvalTasksetSpec(TasksetSpec):
@@ -85,11 +91,19 @@ class EvalTasksetSpec(TasksetSpec):
 class WorkflowSpec(WireModel):
     """The workflow each task runs and how it is rewarded."""
 
-    name: Literal["math", "chat", "custom"] = Field(default="math", description="Built-in workflow, or custom.")
+    name: Literal["math", "chat", "tool_use", "judge", "custom"] = Field(
+        default="math",
+        description="Built-in workflow (math, chat, tool_use: multi-turn with a calculator tool, judge: an auxiliary "
+        "model scores the reply), or custom.",
+    )
     import_path: str | None = Field(
         default=None, description="`module:Class` of a custom workflow (required when name is custom)."
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Workflow arguments.")
+    reward: RewardName = Field(
+        default="math", description="Reward of the math, chat and tool_use workflows (a row may name its own)."
+    )
+    reward_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the reward.")
     temperature: float = Field(default=1.0, ge=0, le=10, description="Sampling temperature.")
     max_tokens: int = Field(default=1024, ge=1, description="Maximum generated tokens per response.")
     top_p: float = Field(
@@ -275,6 +289,12 @@ class ExplorerConfig(WireModel):
     sync: SyncSpec = Field(default_factory=SyncSpec)
     experiences: ExperienceSpec = Field(default_factory=ExperienceSpec)
     status_port: int = Field(default=8080, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _judge_has_a_group(self) -> ExplorerConfig:
+        if self.workflow.name == "judge" and not self.auxiliary:
+            raise ValueError("workflow judge scores with an auxiliary engine group: configure one (auxiliary)")
+        return self
 
     @model_validator(mode="after")
     def _sync_world(self) -> ExplorerConfig:

@@ -10,6 +10,10 @@ from typing import Any
 class Experience:
     """Token ids are prompt then response; ``logprobs`` cover the response tokens only.
 
+    ``action_mask`` (response tokens, when set) marks the tokens the policy sampled: a multi-turn conversation merged
+    into one experience also holds tool results and chat-template text between its assistant turns, which a policy
+    loss must not count (their ``logprobs`` are 0.0). Unset: every response token is the policy's.
+
     ``policy_version`` is the version its step started on; ``policy_versions`` every version the engines served
     while the step ran (more than one only when a sync landed mid-step, i.e. styles ``async``/``trainer_driven``).
     """
@@ -25,10 +29,16 @@ class Experience:
     policy_versions: list[int] = dataclasses.field(default_factory=list)
     response_text: str = ""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    action_mask: list[bool] | None = None
 
     @property
     def response_length(self) -> int:
         return len(self.tokens) - self.prompt_length
+
+    def token_mask(self) -> list[bool]:
+        """One flag per token: True for the policy's own (what a policy loss counts), False for the prompt."""
+        response = self.action_mask if self.action_mask is not None else [True] * self.response_length
+        return [False] * self.prompt_length + list(response)
 
     @property
     def group_id(self) -> str:

@@ -2,10 +2,11 @@
 
 A read answers with an Arrow IPC stream of one record batch, one row per experience in commit order: ``step`` and
 ``index`` (its place in the step's file), ``batch_id``, ``task_id``, ``run_id``, ``tokens`` (prompt then response,
-int32), ``prompt_length``, ``mask`` (one bool per token: True for response tokens, the ones a policy loss counts;
-Experience has no mask of its own), ``logprobs`` (response tokens, float32), ``reward``, ``policy_version`` (null
-before the first sync), ``policy_versions``, ``response_text`` and ``info`` (JSON). The schema's metadata holds
-``BatchInfo`` under ``explorer.batch``: where the batch starts and ends, what was skipped, how far the explorer is.
+int32), ``prompt_length``, ``mask`` (one bool per token: True for the tokens the policy sampled, the ones a policy loss
+counts: the response, less the tool results and template text of a merged multi-turn conversation), ``logprobs``
+(response tokens, float32), ``reward``, ``policy_version`` (null before the first sync), ``policy_versions``,
+``response_text`` and ``info`` (JSON). The schema's metadata holds ``BatchInfo`` under ``explorer.batch``: where the
+batch starts and ends, what was skipped, how far the explorer is.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def encode(rows: list[tuple[int, int, Experience]], info: BatchInfo) -> bytes:
     columns: dict[str, list[Any]] = {
         "step": [step for step, _, _ in rows], "index": [index for _, index, _ in rows],
         "info": [json.dumps(e.info) for e in experiences],
-        "mask": [[False] * e.prompt_length + [True] * (len(e.tokens) - e.prompt_length) for e in experiences],
+        "mask": [e.token_mask() for e in experiences],
     }  # fmt: skip
     for name in schema.names:
         if name not in columns:
@@ -158,8 +159,14 @@ class ExperienceBatch:
     def experiences(self) -> list[Experience]:
         """The rows as ``Experience`` objects (logprobs come back as float32 values)."""
         names = {f.name for f in dataclasses.fields(Experience)}
-        return [Experience(**{**{k: v for k, v in row.items() if k in names}, "info": json.loads(row["info"])})
+        return [Experience(**{**{k: v for k, v in row.items() if k in names}, "info": json.loads(row["info"]),
+                              "action_mask": _action_mask(row["mask"], row["prompt_length"])})
                 for row in self.table.to_pylist()]  # fmt: skip
+
+
+def _action_mask(mask: list[bool], prompt_length: int) -> list[bool] | None:
+    response = mask[prompt_length:]
+    return None if all(response) else response
 
 
 def decode(data: bytes) -> ExperienceBatch:

@@ -56,6 +56,11 @@ class InferenceModel(Protocol):
         sampling: Mapping[str, Any] | None = None,
     ) -> list[Completion]: ...
 
+    async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One OpenAI chat-completions request as given (the model name filled in); the response as JSON. What the
+        agent client (``explorer.agent``) is built on."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -111,6 +116,9 @@ class OpenAIEngine:
         self.outstanding += 1
         try:
             response = await self._http.post(f"{self.base_url}{path}", json=body)
+            if 400 <= response.status_code < 500:  # the engine says what is wrong with the request: keep its words
+                message = f"{response.status_code} from {response.url}: {response.text[:1000]}"
+                raise httpx.HTTPStatusError(message, request=response.request, response=response)
             response.raise_for_status()
             data: dict[str, Any] = response.json()
             return data
@@ -148,6 +156,9 @@ class OpenAIEngine:
         data = await self._post("/v1/chat/completions", body)
         prompt_ids = data.get("prompt_token_ids") or []
         return [_completion(c, prompt_ids) for c in sorted(data["choices"], key=lambda c: c["index"])]
+
+    async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._post("/v1/chat/completions", {**body, "model": self.model})
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -257,6 +268,9 @@ class EnginePool:
         return await self.routed().chat(messages, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                         sampling=sampling)  # fmt: skip
 
+    async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.routed().chat_completion(body)
+
     async def close(self) -> None:
         for engine in self.engines + self._retired:
             await engine.close()
@@ -317,6 +331,12 @@ class RoutedPool:
             temperature=temperature,
             seed=seed,
             sampling=sampling,
+        )
+        return result
+
+    async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.pool.call(
+            self.order, self.failed, "chat_completion", body, answered=self.answered
         )
         return result
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import random
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ def _task(row: Any, spec: config.TasksetSpec, task_id: int, is_eval: bool) -> Ta
     messages = row.get("messages")
     if spec.prompt_key not in row and not messages:
         raise ValueError(f"missing the prompt field {spec.prompt_key!r} (taskset.promptKey)")
+    reward = row.get(spec.reward_key)
+    if reward is not None and reward not in typing.get_args(config.RewardName):
+        known = ", ".join(typing.get_args(config.RewardName))
+        raise ValueError(f"field {spec.reward_key!r} (taskset.rewardKey) names reward {reward!r}; known: {known}")
     return Task(
         task_id=task_id,
         prompt=str(row.get(spec.prompt_key, "")),
@@ -45,6 +50,7 @@ def _task(row: Any, spec: config.TasksetSpec, task_id: int, is_eval: bool) -> Ta
         messages=tuple(messages or ()),
         raw=row,
         is_eval=is_eval,
+        reward=reward,
     )
 
 

@@ -19,11 +19,16 @@ CORPUS = (
     "user: hello there\nassistant: hi, how can I help?",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - * / = ( )",
 )
+# Like real instruct templates, an assistant turn is rendered as sampled: the generation prompt, the reply (a tool
+# call as its JSON arguments), then EOS, so a later turn's prompt extends the earlier prompt and response.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}assistant:{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] or [] %}{% set a = c['function']['arguments'] %}"
+    "{{ a if a is string else a | tojson }}{% endfor %}</s>\n"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 512) -> Path:

@@ -70,6 +70,11 @@ def _model(ref: ModelRef, first: int) -> inference.InferenceModel:
     return ref
 
 
+def _names(refs: Sequence[ModelRef]) -> list[str]:
+    """The auxiliary groups' names (an in-process model has none: ``auxiliary-<i>``)."""
+    return [r.name if isinstance(r, config.EngineGroupConfig) else f"auxiliary-{i}" for i, r in enumerate(refs)]
+
+
 def _failed(model: inference.InferenceModel) -> tuple[int, ...]:
     return tuple(sorted(model.failed)) if isinstance(model, inference.RoutedPool) else ()
 
@@ -92,7 +97,9 @@ class WorkflowRunner:
         self.runner_id = runner_id
         self.model = _model(model, runner_id or 0)
         self.auxiliary_models = [_model(m, runner_id or 0) for m in auxiliary_models or []]
-        self.workflow = workflows.build_workflow(config.workflow)
+        self.workflow = workflows.build_workflow(
+            config.workflow, dict(zip(_names(auxiliary_models or []), self.auxiliary_models, strict=True))
+        )
 
     async def run_task(
         self, task: workflows.Task, repeat_times: int = 1, run_id_base: int = 0, engine_order: Sequence[int] = ()

@@ -90,6 +90,10 @@ def tiny_model_dir() -> Path:
     return tiny_model.make_tiny_model(tiny_model.default_model_dir())
 
 
+# The tool-use tests' named and "auto" tool choices need a parser; pythonic needs no special tokens in the vocabulary.
+TOOL_CALL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+
+
 @pytest.fixture(scope="session")
 def cpu_engines(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -103,7 +107,8 @@ def cpu_engines(
         local_engine.LocalEngine(
             engine_args.EngineArgs(model=str(tiny_model_dir), served_model_name="tiny", port=free_port(),
                                    dtype="float32", max_model_len=256, max_num_seqs=16, seed=0,
-                                   kv_cache_memory_bytes=64 << 20, enforce_eager=True, weight_sync="gloo"),
+                                   kv_cache_memory_bytes=64 << 20, enforce_eager=True, weight_sync="gloo",
+                                   extra_args=TOOL_CALL_ARGS),
             logs / f"engine-{i}.log",
             env=local_engine.cpu_binding(i),
         )

@@ -188,10 +188,21 @@ def _port_rules() -> list[Rule]:
     ]  # fmt: skip
 
 
+def _workflow_rules() -> list[Rule]:
+    """Workflows that need more than the rollout group."""
+    return [
+        Rule("spec", "!has(self.workflow) || self.workflow.name != 'judge' || "
+                     "(has(self.auxiliaryModels) && size(self.auxiliaryModels) > 0)",
+             "spec.workflow.name judge scores with an auxiliary engine group: add one to spec.auxiliaryModels "
+             "(and name it in spec.workflow.args.judgeModel if there are several)",
+             lambda _, s: s.workflow.name != "judge" or bool(s.auxiliary_models)),
+    ]  # fmt: skip
+
+
 @functools.cache
 def rules() -> tuple[Rule, ...]:
     """Every admission rule, names first."""
-    return (*_name_rules(budget()), *_port_rules())
+    return (*_name_rules(budget()), *_port_rules(), *_workflow_rules())
 
 
 def problems(job_name: str, spec: models.ExplorerJobSpec) -> list[str]:

@@ -155,6 +155,8 @@ CASES: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "api on ray": ("rl", {"coordinator": {"apiPort": 6379}}, ["spec.coordinator.apiPort must not be 6379"]),
     "api is sync": ("rl", {"coordinator": {"apiPort": 29500}}, ["spec.coordinator.apiPort and spec.sync.port must"]),
     "sync on ray": ("rl", {"sync": {"port": 6379}}, ["spec.sync.port must not be 6379"]),
+    "judge alone": ("rl", {"workflow": {"name": "judge"}}, ["spec.workflow.name judge scores with an auxiliary"]),
+    "judge and group": ("rl", {"workflow": {"name": "judge"}, "auxiliaryModels": [{"name": "judge"}]}, []),
 }  # fmt: skip
 
 
