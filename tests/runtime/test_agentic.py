@@ -12,6 +12,7 @@ import pytest
 
 from explorer import agent, calculator, config, engine_metrics, inference, local_engine, scheduler, workflows
 from explorer.experience import Experience
+from explorer.workflow_runner import WorkflowRunner
 from explorer.workflows import Task
 
 from .test_scheduler import explorer_config
@@ -71,6 +72,40 @@ def test_tool_use_runs_the_calculator_between_turns_and_masks_exactly_the_sample
             assert all(lp == 0.0 for lp, m in zip(experience.logprobs, mask, strict=True) if not m)
             assert experience.run_id == run_id and experience.task_id == 4 and experience.info["tool_calls"] == 2
             assert experience.info["turns"] == 3 and experience.reward in (0.0, 1.0)
+
+
+def test_the_documented_custom_agentic_workflow_runs_on_the_engines(
+    cpu_engines: list[local_engine.LocalEngine],
+) -> None:
+    """examples/workflows/retry_until_right.py, loaded by importPath as a job would, through a WorkflowRunner."""
+    cfg = explorer_config(
+        cpu_engines,
+        workflow={
+            "name": "custom",
+            "maxTokens": 8,
+            "seed": 5,
+            "args": {"maxAttempts": 3},
+            "importPath": "examples.workflows.retry_until_right:RetryUntilRight",
+        },
+    )
+    task = Task(task_id=1, prompt="What is 2 plus 3?", reference="5")
+
+    async def go() -> tuple[Any, list[Experience]]:
+        runner = WorkflowRunner(cfg, cfg.rollout)
+        try:
+            return await runner.run_task(task, repeat_times=2, run_id_base=0)
+        finally:
+            await runner.close()
+
+    status, experiences = asyncio.run(go())
+    assert status.ok, status.message
+    assert {e.run_id for e in experiences} == {0, 1}
+    for experience in experiences:
+        attempts = experience.info["attempts"]
+        assert 1 <= attempts <= 3 and experience.info["turns"] == attempts
+        assert experience.reward == (1.0 / attempts if experience.reward else 0.0)
+        assert len(experience.logprobs) == experience.response_length
+        assert len(sampled_tokens(experience)) > 0
 
 
 def inference_function(call: dict[str, Any]) -> Any:
