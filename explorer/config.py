@@ -41,12 +41,33 @@ class ModelSpec(WireModel):
     extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments, passed as given.")
 
 
+class DynamicTimeoutSpec(WireModel):
+    """A first attempt's limit: ``factor`` times the ``percentile`` of recent successful attempts."""
+
+    percentile: float = Field(default=0.95, gt=0, le=1, description="Percentile of recent attempt durations.")
+    factor: float = Field(default=3.0, ge=1, le=100, description="Multiple of that percentile a first attempt gets.")
+    min_seconds: float = Field(default=30.0, gt=0, description="Never less than this.")
+    min_samples: int = Field(default=20, ge=1, le=10_000, description="Successful attempts seen before it applies.")
+    window: int = Field(default=256, ge=1, le=100_000, description="Recent attempts the percentile is taken over.")
+
+    @model_validator(mode="after")
+    def _window_holds_the_samples(self) -> DynamicTimeoutSpec:
+        if self.min_samples > self.window:
+            raise ValueError(f"minSamples ({self.min_samples}) must not exceed window ({self.window})")
+        return self
+
+
 class SchedulerSpec(WireModel):
     """How rollout tasks are dispatched to runners."""
 
     runners_per_engine: int = Field(default=8, ge=1, le=1024, description="Workflow runners bound to each engine.")
     max_retry_times: int = Field(default=2, ge=0, le=100, description="Retries of a failed or timed-out task.")
     task_timeout_seconds: float = Field(default=900, gt=0, description="Timeout of one attempt of one task.")
+    dynamic_timeout: DynamicTimeoutSpec | None = Field(
+        default=None,
+        description="Cut stragglers early: a task's first attempt gets factor times the observed latency percentile "
+        "(within minSeconds..taskTimeoutSeconds), retries the full taskTimeoutSeconds. Unset: taskTimeoutSeconds.",
+    )
     max_repeat_times_per_runner: int | None = Field(
         default=None, ge=1, description="Split a task's repeats into chunks of at most this many per runner."
     )
@@ -157,6 +178,14 @@ class WorkflowSpec(WireModel):
 StepTimeoutPolicy = Literal["commit", "wait"]
 
 
+class OverRolloutSpec(WireModel):
+    """Commit a step once ``minTasks`` of its tasks are done (after ``waitSeconds`` more for the rest); its stragglers
+    keep running and are committed with a later step (Trinity-RFT's over_rollout)."""
+
+    min_tasks: int = Field(ge=1, description="Tasks of a step that must be done before it is committed.")
+    wait_seconds: float = Field(default=0, ge=0, le=3600, description="Then wait this long for the others.")
+
+
 class ExploreSpec(WireModel):
     """The explore schedule (the seed's buffer/explorer settings)."""
 
@@ -173,6 +202,18 @@ class ExploreSpec(WireModel):
         "finished and record the missing ones (the step's manifest entry, the status report's missingTasks), or "
         "wait for every task (each attempt is still bounded by taskTimeoutSeconds).",
     )
+    over_rollout: OverRolloutSpec | None = Field(
+        default=None,
+        description="Do not wait for a step's stragglers: commit after minTasks, commit the rest with a later step "
+        "(their experiences keep their batch id and the policy versions they ran on). The last step waits for all.",
+    )
+
+    @model_validator(mode="after")
+    def _min_tasks_within_batch(self) -> ExploreSpec:
+        if self.over_rollout is not None and self.over_rollout.min_tasks > self.batch_size:
+            raise ValueError(f"overRollout.minTasks ({self.over_rollout.min_tasks}) must not exceed batchSize "
+                             f"({self.batch_size})")  # fmt: skip
+        return self
 
 
 SyncMethod = Literal["nccl", "gloo", "checkpoint"]

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from explorer import config as explorer_config
-from explorer import credentials, eval_metrics, membership, sink, status_api, taskset, workflow_runner
+from explorer import credentials, eval_metrics, membership, sink, status_api, taskset, telemetry, workflow_runner
 from explorer import scheduler as scheduler_mod
 from explorer.experience import Experience
 from explorer.experience_stream import ExperienceStream
@@ -94,6 +94,7 @@ class Explorer:
         if sync is not None:
             sync.on_version = self._on_version
         self.report = status_api.CoordinatorReport(total_steps=config.explore.total_steps)
+        self.telemetry = telemetry.Telemetry()
         self.sink = sink.ExperienceSink(Path(config.experiences.path), config.experiences.format)
         self.stream = ExperienceStream(self.sink, config.experiences, config.explore.total_steps)
         if sync is not None:
@@ -102,6 +103,7 @@ class Explorer:
         self.eval_metrics: dict[str, dict[str, float]] = {}
         self.row_errors: list[taskset.RowError] = []
         self.on_step: Callable[[int, dict[str, float]], None] | None = None
+        self._carried: dict[int, int] = {}  # over-rollout: batch -> taskset cursor, for batches with stragglers
 
     def need_sync(self, step: int) -> bool:
         sync = self.config.sync
@@ -161,6 +163,8 @@ class Explorer:
         # waits for exactly the pushes the boundaries it already passed have not been given.
         boundaries = (state.sync_baseline or 0) + self.boundaries_until(state.step)
         marks: dict[int, tuple[int | None, int]] = {}  # step -> (version when scheduled, applied-log position)
+        cursors: dict[int, int] = {}  # step -> taskset cursor of its batch
+        self._carried = self._resume_stragglers(sched, tasks, state.step, marks)
         try:
             total, size = self.config.explore.total_steps, self.config.explore.batch_size
             submitted = state.step
@@ -173,31 +177,21 @@ class Explorer:
                 while submitted < horizon and await self._room(step, submitted):
                     submitted += 1
                     marks[submitted] = (self._served_version(), len(self._applied_versions))
-                    sched.schedule(self._batch(tasks, state.cursor + (submitted - step) * size), batch_id=submitted)
-                statuses, experiences, missing = await self._collect(sched, step)
-                start_version = self._stamp_versions(experiences, *marks.pop(step))
-                # Blocking writes with fsyncs: off the loop, which keeps dispatching and serving the APIs.
-                await asyncio.to_thread(self.sink.commit, step, experiences, start_version, missing)
-                self.stream.notify()
+                    cursors[submitted] = state.cursor + (submitted - step) * size
+                    sched.schedule(self._batch(tasks, cursors[submitted]), batch_id=submitted)
+                start_version, statuses, experiences, missing = await self._collect_step(
+                    sched, step, step == total, marks, cursors
+                )
                 written += len(experiences)
-                failed = sum(1 for s in statuses if not s.ok)
-                step_metrics = sched.metrics.get(step, {})
-                rate = step_metrics.get("experiences_per_second")
-                self.report = self.report.model_copy(update={
-                    "experiences": written, "failed_tasks": self.report.failed_tasks + failed,
-                    "missing_tasks": self.report.missing_tasks + len(missing),
-                    "experiences_per_second": rate})  # fmt: skip
                 state = ExplorerState(step, state.cursor + size, state.sync_baseline)
-                await asyncio.to_thread(_save_state, self.sink.directory, state)
-                metrics = {**step_metrics, "failed_tasks": failed, "missing_tasks": len(missing)}
-                if experiences:
-                    metrics["reward_mean"] = sum(e.reward for e in experiences) / len(experiences)
+                metrics = await self._commit(sched, state, experiences, statuses, missing, start_version, written)
                 await self._evaluate(sched, step, evals)
                 if self.need_sync(step):
                     boundaries += 1
                     await self._at_boundary(step, boundaries, lag)
                 self.report = self.report.model_copy(update={"step": step, "policy_version": self.policy_version,
                                                              "message": json.dumps(metrics)[:500]})  # fmt: skip
+                self.telemetry.committed(step, self.policy_version, None)  # the version the boundary brought
                 if self.on_step:
                     self.on_step(step, metrics)
         except BaseException as err:
@@ -207,6 +201,31 @@ class Explorer:
             await sched.stop()
         self.report = self.report.model_copy(update={"phase": "Succeeded"})
         return f"explored {self.config.explore.total_steps} steps; {written} experiences written this run"
+
+    async def _commit(
+        self, sched: scheduler_mod.Scheduler, state: ExplorerState, experiences: list[Experience],
+        statuses: list[workflow_runner.Status], missing: list[int], start_version: int | None, written: int,
+    ) -> dict[str, float]:  # fmt: skip
+        """Commit step ``state.step`` (with the stragglers it leaves running), then save ``state``; the report
+        follows. Returns the step's metrics."""
+        step = state.step
+        pending = {b: (cursor, sched.uncollected_task_ids(b)) for b, cursor in self._carried.items()}
+        # Blocking writes with fsyncs: off the loop, which keeps dispatching and serving the APIs.
+        await asyncio.to_thread(self.sink.commit, step, experiences, start_version, missing, pending)
+        self.stream.notify()
+        failed = sum(1 for s in statuses if not s.ok)
+        step_metrics = sched.metrics.get(step, {})
+        self.report = self.report.model_copy(update={
+            "experiences": written, "failed_tasks": self.report.failed_tasks + failed,
+            "missing_tasks": self.report.missing_tasks + len(missing),
+            "carried_tasks": sum(len(ids) for _, ids in pending.values()),
+            "experiences_per_second": step_metrics.get("experiences_per_second")})  # fmt: skip
+        await asyncio.to_thread(_save_state, self.sink.directory, state)
+        self.telemetry.committed(step, self.policy_version, step_metrics.get("experiences_per_second"))
+        metrics = {**step_metrics, "failed_tasks": failed, "missing_tasks": len(missing)}
+        if experiences:
+            metrics["reward_mean"] = sum(e.reward for e in experiences) / len(experiences)
+        return metrics
 
     async def _room(self, step: int, submitted: int) -> bool:
         """Back-pressure before step ``submitted + 1`` starts: the step due now waits for room; one that would run
@@ -265,18 +284,64 @@ class Explorer:
                 exp.policy_versions = [exp.policy_version] if exp.policy_version is not None else []
         return start_version
 
+    def _resume_stragglers(
+        self, sched: scheduler_mod.Scheduler, tasks: list[Task], step: int, marks: dict[int, tuple[int | None, int]]
+    ) -> dict[int, int]:
+        """Run again the tasks the last committed step left running (over-rollout): they were never committed, and
+        the next step commits them. Returns batch -> its taskset cursor."""
+        carried: dict[int, int] = {}
+        for batch, (cursor, ids) in sorted(self.sink.pending_tasks(step).items()):
+            wanted = set(ids)
+            sched.schedule([t for t in self._batch(tasks, cursor) if t.task_id in wanted], batch_id=batch)
+            marks[batch] = (self._served_version(), len(self._applied_versions))
+            carried[batch] = cursor
+            log.info("resuming %d tasks of step %d that were still running when step %d was committed",
+                     len(wanted), batch, step)  # fmt: skip
+        return carried
+
+    async def _collect_step(
+        self, sched: scheduler_mod.Scheduler, step: int, last: bool, marks: dict[int, tuple[int | None, int]],
+        cursors: dict[int, int],
+    ) -> tuple[int | None, list[workflow_runner.Status], list[Experience], list[int]]:  # fmt: skip
+        """What step ``step`` commits: its batch's results, or with ``explore.overRollout`` its first ``minTasks``
+        (and those done within ``waitSeconds`` more), plus the stragglers of earlier steps that finished since (every
+        one at the last step, which also waits for its own). Each experience is stamped with its own batch's
+        versions. Returns the step's start version, statuses, experiences and missing task ids."""
+        over = None if last else self.config.explore.over_rollout
+        statuses, experiences, missing = await self._collect(sched, step, over.min_tasks if over else None)
+        if over is not None and over.wait_seconds and sched.has_step(step):
+            more_statuses, more_experiences = await sched.get_results(step, timeout=over.wait_seconds,
+                                                                      clear_timeout_tasks=False)  # fmt: skip
+            statuses, experiences = statuses + more_statuses, experiences + more_experiences
+        start_version = self._stamp_versions(experiences, *marks[step])
+        if sched.uncollected_task_ids(step):
+            self._carried[step] = cursors[step]
+        for batch in sorted(b for b in self._carried if b != step):
+            # Each attempt is bounded by taskTimeoutSeconds, so waiting without a limit ends: ok or failed.
+            late_statuses, late = await sched.get_results(batch, timeout=math.inf if last else 0,
+                                                          clear_timeout_tasks=False)  # fmt: skip
+            self._stamp_versions(late, *marks[batch])
+            statuses, experiences = statuses + late_statuses, experiences + late
+            if not sched.uncollected_task_ids(batch):
+                del self._carried[batch]
+        for batch in [b for b in marks if b <= step and b not in self._carried]:
+            del marks[batch]
+        return start_version, statuses, experiences, missing
+
     async def _collect(
-        self, sched: scheduler_mod.Scheduler, batch_id: scheduler_mod.BatchId
+        self, sched: scheduler_mod.Scheduler, batch_id: scheduler_mod.BatchId, min_num: int | None = None
     ) -> tuple[list[workflow_runner.Status], list[Experience], list[int]]:
-        """A batch's results and the ids of the tasks it goes without: when its wait expires, either those that
-        finished (``explore.onStepTimeout: commit``) or, after a warning, every one (``wait``)."""
+        """A batch's results (``min_num``: the first that many) and the ids of the tasks it goes without: when its
+        wait expires, either those that finished (``explore.onStepTimeout: commit``) or, after a warning, every one
+        (``wait``)."""
         waits = self.config.explore.on_step_timeout == "wait"
-        statuses, experiences = await sched.get_results(batch_id, clear_timeout_tasks=not waits)
-        if waits and sched.has_step(batch_id):
+        statuses, experiences = await sched.get_results(batch_id, min_num=min_num, clear_timeout_tasks=not waits)
+        if waits and sched.has_step(batch_id) and (min_num is None or len(statuses) < min_num):
             log.warning("batch %s: tasks still running when its wait expired; waiting for them (onStepTimeout: wait)",
                         batch_id)  # fmt: skip
             self.report = self.report.model_copy(update={"message": f"batch {batch_id}: waiting past its timeout"})
-            more_statuses, more_experiences = await sched.get_results(batch_id, timeout=math.inf)
+            rest = None if min_num is None else min_num - len(statuses)
+            more_statuses, more_experiences = await sched.get_results(batch_id, min_num=rest, timeout=math.inf)
             statuses, experiences = statuses + more_statuses, experiences + more_experiences
         missing = sorted(sched.cleared.pop(batch_id, []))
         if missing:
@@ -308,6 +373,7 @@ class Explorer:
             _, experiences, missing = await self._collect(sched, batch_id)
             figures = eval_metrics.summarize(experiences, spec.repeat_times, spec.pass_threshold, missing)
             self.eval_metrics[batch_id] = figures
+            self.telemetry.evaluated(spec.name, figures)
             await asyncio.to_thread(self.sink.record_eval, spec.name, step, figures)
             latest = {**self.report.eval, spec.name: status_api.EvalResult(step=step, metrics=figures)}
             self.report = self.report.model_copy(update={"eval": latest})
@@ -359,7 +425,8 @@ class Explorer:
         return self.sync.version if self.sync is not None else self.policy_version
 
     async def _start_scheduler(self) -> scheduler_mod.Scheduler:
-        sched = scheduler_mod.Scheduler(self.config, self.config.rollout, self.config.auxiliary)
+        sched = scheduler_mod.Scheduler(self.config, self.config.rollout, self.config.auxiliary,
+                                        telemetry=self.telemetry)  # fmt: skip
         await sched.start()
         self.scheduler = sched
         if self.sync is not None:
@@ -540,7 +607,7 @@ async def serve_and_explore(
     a sync coordinator, ``experience_port`` serves the experiences alone); then drain the experience stream.
     ``engines_first``: start exploring only once every rollout engine is healthy (``wait_for_engines``);
     ``config_path``: follow the rollout engines it names as they change (``membership``)."""
-    server = status_api.StatusServer(host, port, explorer.report)
+    server = status_api.StatusServer(host, port, explorer.report, metrics=explorer.telemetry.exposition)
 
     async def publish() -> None:
         probed: dict[str, Any] = {}

@@ -221,13 +221,15 @@ class EnginePool:
         method: str,
         *args: Any,
         answered: list[int] | None = None,
+        timings: list[tuple[int, float]] | None = None,
         **kwargs: Any,
     ) -> Any:
         """``method`` on the first engine of ``self.order(order)`` that answers; those that failed go in ``failed``,
-        the one that answered in ``answered``."""
+        the one that answered in ``answered``, with its latency in ``timings``."""
         errors = []
         for index in self.order(order, exclusive=bool(order)):
             engine = self.engines[index]
+            started = time.monotonic()
             try:
                 result = await getattr(engine, method)(*args, **kwargs)
             except (httpx.TransportError, httpx.HTTPStatusError) as err:
@@ -239,6 +241,8 @@ class EnginePool:
                 continue
             if answered is not None:
                 answered.append(index)
+            if timings is not None:
+                timings.append((index, time.monotonic() - started))
             return result
         raise EngineUnavailableError("no engine answered: " + "; ".join(errors))
 
@@ -285,6 +289,7 @@ class RoutedPool:
         self.order = tuple(order)
         self.failed: set[int] = set()
         self.answered: list[int] = []
+        self.timings: list[tuple[int, float]] = []  # (engine, seconds) of every answered request
 
     async def generate(
         self,
@@ -302,6 +307,7 @@ class RoutedPool:
             "generate",
             prompt,
             answered=self.answered,
+            timings=self.timings,
             n=n,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -326,6 +332,7 @@ class RoutedPool:
             "chat",
             messages,
             answered=self.answered,
+            timings=self.timings,
             n=n,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -336,7 +343,7 @@ class RoutedPool:
 
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.pool.call(
-            self.order, self.failed, "chat_completion", body, answered=self.answered
+            self.order, self.failed, "chat_completion", body, answered=self.answered, timings=self.timings
         )
         return result
 

@@ -2,7 +2,8 @@
 
 No polling: ``schedule`` pushes sub-tasks onto a priority heap (batch-id order, retries first) and wakes the
 dispatcher, which hands each to the next idle runner; completions wake ``get_results`` waiters directly. Each attempt
-gets exactly ``task_timeout_seconds``; a timed-out attempt is cancelled on the runner (its engine request aborted)
+gets exactly ``task_timeout_seconds`` (a first attempt less with ``dynamicTimeout``: ``attempt_timeouts``); a timed-out
+attempt is cancelled on the runner (its engine request aborted)
 and retried on another runner; a crashed runner actor is replaced and its sub-task retried; any other runner error
 (a failed replacement, a lost object) fails the attempt, which is retried or recorded: nothing is dropped.
 ``get_results(min_num=k)`` waits for ``k`` results not yet collected and returns at most ``k``; a batch cleared at a
@@ -25,6 +26,8 @@ from typing import Protocol
 
 from explorer import config as explorer_config
 from explorer import engine_load
+from explorer import telemetry as telemetry_mod
+from explorer.attempt_timeouts import AttemptTimeouts
 from explorer.experience import Experience
 from explorer.workflow_runner import ModelRef, Status, WorkflowRunner, mean_over_runs
 from explorer.workflows import Task
@@ -156,10 +159,12 @@ class RunnerWrapper:
         self.config = config
         self.backend = backend or RayRunner(ActorHost(runner_id, config, rollout_model, auxiliary_models or []))
 
-    async def run_once(self, task: TaskWrapper) -> tuple[Status, list[Experience]]:
-        """One attempt; never raises but ``CancelledError``: every runner error is the attempt's failed outcome."""
+    async def run_once(self, task: TaskWrapper, timeout: float | None = None) -> tuple[Status, list[Experience]]:
+        """One attempt of at most ``timeout`` seconds (default ``taskTimeoutSeconds``); never raises but
+        ``CancelledError``: every runner error is the attempt's failed outcome."""
         try:
-            status, experiences = await self.backend.run(task, self.config.scheduler.task_timeout_seconds)
+            limit = self.config.scheduler.task_timeout_seconds if timeout is None else timeout
+            status, experiences = await self.backend.run(task, limit)
         except Exception as err:  # e.g. ObjectLostError, a RayTaskError: retried or recorded, never dropped
             log.warning("runner %s failed a sub-task of batch %s: %s", self.runner_id, task.batch_id, _describe(err))
             return Status(False, {}, f"runner {self.runner_id} failed: {_describe(err)}"), []
@@ -223,8 +228,11 @@ class Scheduler:
         auxiliary_models: Sequence[ModelRef] | None = None,
         runner_count: int | None = None,
         backend_factory: Callable[[int], RunnerBackend] | None = None,
+        telemetry: telemetry_mod.Telemetry | None = None,
     ):
         self.config = config
+        self.telemetry = telemetry or telemetry_mod.Telemetry()  # Prometheus figures (the status port's /metrics)
+        self.attempt_timeouts = AttemptTimeouts(config.scheduler.task_timeout_seconds, config.scheduler.dynamic_timeout)
         engines = max(1, len(config.rollout.engines))
         count = runner_count or engines * config.scheduler.runners_per_engine
         processes = min(count, config.scheduler.runner_processes or count)
@@ -333,8 +341,13 @@ class Scheduler:
         if self.engine_load is not None:  # here, not in _dispatch: a job cancelled before it starts holds nothing
             sub.engine_order = self.engine_load.acquire(time.monotonic())
             versions = self.engine_load.versions  # replaced, never mutated: this is the picture at dispatch
+        kind, _ = telemetry_mod.batch_kind(sub.batch_id)
+        limit = self.attempt_timeouts.timeout(kind, sub.attempts)
+        if self.config.scheduler.dynamic_timeout is not None:
+            self.telemetry.attempt_timeout.labels(kind).set(limit)
+        started = time.monotonic()
         try:
-            status, experiences = await runner.run_once(sub)  # raises nothing but CancelledError
+            status, experiences = await runner.run_once(sub, limit)  # raises nothing but CancelledError
         finally:
             self._idle.put_nowait(runner)
             if self.engine_load is not None and sub.engine_order:
@@ -343,26 +356,44 @@ class Scheduler:
             self.engine_load.mark_down(status.failed_engines, time.monotonic())
         if batch.cancelled:
             return
-        if not status.ok and sub.attempts < self.config.scheduler.max_retry_times:
+        if status.ok:
+            self.attempt_timeouts.observe(kind, time.monotonic() - started)
+        retry = not status.ok and sub.attempts < self.config.scheduler.max_retry_times
+        self.telemetry.attempt(kind, status.metric.get("run_seconds"), status.requests, status.failed_engines, retry)
+        if retry:
             sub.attempts += 1
             batch.retries += 1
             self._push(sub, batch, retry=True)  # the next idle runner, usually another one, takes it
             self._wake.set()
             return
+        self._finish(sub, batch, status, experiences, versions)
+
+    def _finish(
+        self,
+        sub: TaskWrapper,
+        batch: _Batch,
+        status: Status,
+        experiences: list[Experience],
+        versions: Sequence[str | None] | None,
+    ) -> None:
+        """A sub-task's final outcome: its experiences labelled with the engine (and version) that served them."""
         for exp in experiences:
             exp.batch_id = str(sub.batch_id)
             if status.served_by:
                 exp.info["engine"] = status.served_by[-1]
                 if versions is not None:
                     exp.info["engine_version"] = versions[status.served_by[-1]]
+        kind, eval_set = telemetry_mod.batch_kind(sub.batch_id)
         result = batch.tasks[sub.index]
         result.runs.append((status, sub.repeat_times))
         result.experiences.extend(experiences)
         if len(result.runs) == result.subtasks:
             result.finished = time.monotonic()
             batch.done.append(sub.index)
-            if not all(s.ok for s, _ in result.runs):
+            ok = all(s.ok for s, _ in result.runs)
+            if not ok:
                 batch.failures += 1
+            self.telemetry.task(kind, eval_set, ok, result.experiences)
             batch.changed.set()
 
     # ---- collecting ------------------------------------------------------------------------------------
@@ -490,3 +521,11 @@ class Scheduler:
 
     def has_step(self, batch_id: BatchId) -> bool:
         return batch_id in self._batches
+
+    def uncollected_task_ids(self, batch_id: BatchId) -> list[int]:
+        """Task ids of the batch that ``get_results`` has not returned yet (running, queued or finished)."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            return []
+        returned = set(batch.done[: batch.collected])
+        return sorted(r.task_id for i, r in batch.tasks.items() if i not in returned)

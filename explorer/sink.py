@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,12 @@ class ExperienceSink:
         experiences: Sequence[Experience],
         policy_version: int | None = None,
         missing_tasks: Sequence[int] = (),
+        pending_tasks: Mapping[int, tuple[int, Sequence[int]]] | None = None,
     ) -> bool:
         """Write step ``step`` once; False (and nothing written) when it is already committed. ``missing_tasks``:
-        the task ids the step was committed without (its wait expired), listed in its manifest entry."""
+        the task ids the step was committed without (its wait expired), listed in its manifest entry.
+        ``pending_tasks``: batch -> (its taskset cursor, task ids) still running after this commit (over-rollout),
+        recorded with it so that a restart runs exactly those again."""
         with self._manifest_lock:
             manifest = self.manifest()
             if str(step) in manifest["steps"]:
@@ -100,8 +103,20 @@ class ExperienceSink:
             write_durably(self.directory / name, body)
             manifest["steps"][str(step)] = {"file": name, "experiences": len(records), "policyVersion": policy_version,
                                             "missingTasks": sorted(missing_tasks)}  # fmt: skip
+            if pending_tasks:
+                manifest["steps"][str(step)]["pendingTasks"] = {
+                    str(batch): {"cursor": cursor, "tasks": sorted(ids)}
+                    for batch, (cursor, ids) in pending_tasks.items()
+                }
             write_durably(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
             return True
+
+    def pending_tasks(self, step: int) -> dict[int, tuple[int, list[int]]]:
+        """What committed step ``step`` left running (``commit``'s ``pending_tasks``)."""
+        entry = self.manifest()["steps"].get(str(step), {})
+        return {
+            int(b): (int(p["cursor"]), [int(t) for t in p["tasks"]]) for b, p in entry.get("pendingTasks", {}).items()
+        }
 
     def record_eval(self, name: str, step: int, metrics: dict[str, float]) -> None:
         """Keep an eval set's figures at ``step`` in the manifest (``eval.<name>.<step>``), written durably."""

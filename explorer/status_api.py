@@ -2,12 +2,14 @@
 
 The operator polls ``GET /status`` on the coordinator pod and mirrors it into the ExplorerJob's status; the wire
 format is ``CoordinatorReport``, shared by both sides. ``GET /healthz`` answers the pod's probes unauthenticated;
-``/status`` needs the job token (the operator reads it from the job's Secret) or the trainer token.
+``/status`` needs the job token (the operator reads it from the job's Secret) or the trainer token, and so does
+``GET /metrics``, the coordinator's Prometheus metrics (``explorer.telemetry``), when the server has them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Literal
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from pydantic import ConfigDict, Field
 from explorer import credentials, http_auth
 from explorer.config import WireModel
 
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ReportPhase = Literal["Starting", "Running", "Succeeded", "Failed"]
 
 
@@ -66,6 +69,9 @@ class CoordinatorReport(ReportModel):
     missing_tasks: int = Field(
         default=0, ge=0, description="Tasks left out of committed steps because the step's wait expired, this run."
     )
+    carried_tasks: int = Field(
+        default=0, ge=0, description="Tasks of committed steps still running (explore.overRollout), for a later step."
+    )
     experiences_per_second: float | None = Field(default=None, description="Throughput of the last step.")
     waiting_for: str | None = Field(
         default=None, description="What the explorer waits for before it goes on (back-pressure, the final drain)."
@@ -97,13 +103,21 @@ class StatusServer:
         port: int,
         report: CoordinatorReport | None = None,
         accepted: http_auth.Accepted | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ):
-        """``accepted``: the tokens ``/status`` admits (default: the job token and the trainer tokens)."""
+        """``accepted``: the tokens ``/status`` admits (default: the job token and the trainer tokens); ``metrics``:
+        the Prometheus exposition ``/metrics`` serves."""
         self.host = host
         self.port = port
         self.report = report or CoordinatorReport()
         self.accepted = accepted or self._job_and_trainer_tokens
+        self.metrics = metrics
         self._runner: web.AppRunner | None = None
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        assert self.metrics is not None
+        body = await asyncio.to_thread(self.metrics)
+        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def _status(self, _: web.Request) -> web.Response:
         return web.json_response(self.report.to_wire())
@@ -121,6 +135,8 @@ class StatusServer:
         app = web.Application(middlewares=[guard])
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self._metrics)
         self._runner = await serve_app(app, self.host, self.port)
 
     async def stop(self) -> None:

@@ -28,6 +28,7 @@ class Status:
     message: str | None = None
     failed_engines: tuple[int, ...] = ()  # rollout engines (indices) that failed a request of this attempt
     served_by: tuple[int, ...] = ()  # rollout engines that answered this attempt's requests, distinct, in order
+    requests: tuple[tuple[int, float], ...] = ()  # (rollout engine, seconds) of each answered request
 
 
 ModelRef = inference.InferenceModel | config.EngineGroupConfig
@@ -83,6 +84,10 @@ def _served_by(model: inference.InferenceModel) -> tuple[int, ...]:
     return tuple(dict.fromkeys(model.answered)) if isinstance(model, inference.RoutedPool) else ()
 
 
+def _requests(model: inference.InferenceModel) -> tuple[tuple[int, float], ...]:
+    return tuple(model.timings) if isinstance(model, inference.RoutedPool) else ()
+
+
 class WorkflowRunner:
     """Holds the inference clients and the workflow; one task at a time per call (calls may overlap)."""
 
@@ -111,12 +116,15 @@ class WorkflowRunner:
             experiences = await self.workflow.run(task, model, repeat_times, run_id_base)
         except Exception as err:  # any workflow failure is the task's outcome, never the runner's death
             message = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
-            return Status(False, {"run_seconds": time.monotonic() - started}, message, _failed(model)), []
+            metric = {"run_seconds": time.monotonic() - started}
+            return Status(False, metric, message, _failed(model), _served_by(model), _requests(model)), []
         missing, metric = compute_runs(experiences, repeat_times, run_id_base)
         metric["run_seconds"] = time.monotonic() - started
         done = repeat_times - len(missing)
         incomplete = f"{done}/{repeat_times} runs completed (no experience for run ids {missing})"
-        status = Status(not missing, metric, incomplete if missing else None, _failed(model), _served_by(model))
+        status = Status(
+            not missing, metric, incomplete if missing else None, _failed(model), _served_by(model), _requests(model)
+        )
         return status, experiences
 
     def set_rollout_engines(self, urls: list[str]) -> int:

@@ -196,6 +196,11 @@ def _workflow_rules() -> list[Rule]:
              "spec.workflow.name judge scores with an auxiliary engine group: add one to spec.auxiliaryModels "
              "(and name it in spec.workflow.args.judgeModel if there are several)",
              lambda _, s: s.workflow.name != "judge" or bool(s.auxiliary_models)),
+        Rule("spec", "!has(self.explore) || !has(self.explore.overRollout) || "
+                     "self.explore.overRollout.minTasks <= self.explore.batchSize",
+             "spec.explore.overRollout.minTasks must not exceed spec.explore.batchSize: a step has only that many "
+             "tasks to wait for",
+             lambda _, s: s.explore.over_rollout is None or s.explore.over_rollout.min_tasks <= s.explore.batch_size),
     ]  # fmt: skip
 
 

@@ -52,6 +52,35 @@ def pod_env() -> dict[str, str]:
     return env | {"RAY_AUTH_TOKEN_PATH": str(credentials.directory() / credentials.JOB_TOKEN)}
 
 
+def check_prometheus_metrics(base: str, step_experiences: int) -> None:
+    """The coordinator's /metrics after step 1 (3 tasks x 2 runs) and the eval on start (2 tasks x 3 runs)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{base}/metrics").status_code == 401  # as /status: the job token
+    response = httpx.get(f"{base}/metrics", headers=credentials.job_headers())
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}  # fmt: skip
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("explorer_tasks_total", kind="rollout", outcome="ok") == 3
+    assert value("explorer_tasks_total", kind="eval", outcome="ok") == 2
+    assert value("explorer_experiences_total", kind="rollout") == step_experiences == 6
+    assert value("explorer_experiences_total", kind="eval") == 6
+    assert value("explorer_reward_count", kind="rollout", eval_set="") == 6
+    assert value("explorer_response_length_tokens_count", kind="eval") == 6
+    assert value("explorer_step") == 1 and value("explorer_eval", eval_set="held-out", metric="runs") == 6
+    per_engine = {dict(labels)["engine"]: v for (name, labels), v in samples.items()
+                  if name == "explorer_engine_requests_total"}  # fmt: skip
+    assert set(per_engine) == {"0", "1"} and all(v > 0 for v in per_engine.values()), per_engine
+    assert sum(per_engine.values()) >= 5  # every task asked at least once
+    latency_counts = sum(v for (name, _), v in samples.items() if name == "explorer_engine_request_seconds_count")
+    assert latency_counts == sum(per_engine.values())
+    assert value("explorer_task_attempt_seconds_count", kind="rollout") >= 3
+
+
 def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
     cpu_engines: list[local_engine.LocalEngine], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -104,6 +133,7 @@ def test_coordinator_starts_a_ray_head_that_a_cpu_worker_joins_and_explores(
         wait_for(lambda: "waiting for the trainer" in (_report(status_port) or {}).get("message", ""), timeout=180,
                  what="step 1 done and the explorer waiting for a push")  # fmt: skip
         assert sink.ExperienceSink(tmp_path / "out").committed_steps() == {1}
+        check_prometheus_metrics(base, step_experiences=len(sink.ExperienceSink(tmp_path / "out").read_step(1)))
         # A trainer reaches the coordinator's sync API at the advertised address and releases step 2.
         with TrainerClient(f"127.0.0.1:{sync_port}") as trainer:
             assert trainer.push(original_state(tiny_model_dir)).engines_in_sync == 2

@@ -139,6 +139,40 @@ def test_timed_out_attempts_are_cancelled_retried_then_reported(
     asyncio.run(scenario())
 
 
+def test_a_dynamic_timeout_cuts_a_straggler_s_first_attempt_and_its_retry_completes(
+    cpu_engines: list[local_engine.LocalEngine], tmp_path: Path
+) -> None:
+    """Quick tasks set the observed latency; a task that hangs on its first attempt only is cut after about
+    factor x p95 (not the 60 s static limit), retried with the full limit, and completes."""
+    cfg = explorer_config(
+        cpu_engines,
+        workflow={"name": "custom", "importPath": "tests.runtime.workflows_for_tests:SleepyWorkflow"},
+        explore={"repeatTimes": 1},
+        scheduler={"taskTimeoutSeconds": 60, "maxRetryTimes": 1,
+                   "dynamicTimeout": {"minSamples": 4, "factor": 2, "minSeconds": 1, "percentile": 0.9}},
+    )  # fmt: skip
+    once = tmp_path / "first-attempt"
+
+    async def scenario() -> None:
+        sched = await running_scheduler(cfg)
+        try:
+            sched.schedule(arithmetic(6), batch_id=1)
+            assert all(s.ok for s in (await sched.get_results(1, timeout=120))[0])
+            limit = sched.attempt_timeouts.timeout("rollout", 0)
+            assert 1 <= limit < 20 and sched.attempt_timeouts.timeout("rollout", 1) == 60
+            straggler = Task(task_id=7, prompt="What is 1 plus 1?", reference="2",
+                             raw={"sleep_once": 40, "once_marker": str(once)})  # fmt: skip
+            sched.schedule([straggler], batch_id=2)
+            [status], experiences = await sched.get_results(2, timeout=120)
+            assert status.ok and len(experiences) == 1 and once.exists()
+            # Under the static 60 s limit the 40 s first attempt would have finished without a retry.
+            assert sched.metrics[2]["retries"] == 1
+        finally:
+            await sched.stop()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("processes", [None, 1], ids=["process-per-runner", "shared-process"])
 def test_a_runner_killed_mid_task_is_replaced_and_the_task_retried(
     cpu_engines: list[local_engine.LocalEngine], tmp_path: Path, processes: int | None

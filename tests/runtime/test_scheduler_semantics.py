@@ -152,3 +152,62 @@ def test_a_step_whose_wait_expires_is_never_committed_silently(tmp_path: Path, p
         assert (entry["experiences"], entry["missingTasks"], explorer.report.missing_tasks) == (2, [], 0)
         assert sorted(e.task_id for e in out.read_step(1)) == [0, 1]
     assert explorer.report.phase == "Succeeded" and explorer.report.failed_tasks == 0
+
+
+def over_rollout_config(tmp_path: Path, steps: int) -> config.ExplorerConfig:
+    """Batches of 4 with one straggler each (the first row of every batch sleeps 3 s); commit after 3 tasks."""
+    rows = [json.dumps({"question": f"q{i}", "answer": "1", "sleep": 3 if i % 4 == 0 else 0}) for i in range(4 * steps)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return instant_config(
+        taskset={"path": str(tmp_path / "train.jsonl")},
+        explore={"batchSize": 4, "totalSteps": steps, "overRollout": {"minTasks": 3}},
+        experiences={"path": str(tmp_path / "out"), "format": "jsonl"},
+    )
+
+
+def committed_pairs(out: sink.ExperienceSink) -> dict[int, list[tuple[str, int]]]:
+    return {
+        step: sorted((e.batch_id, e.task_id) for e in out.read_step(step)) for step in sorted(out.committed_steps())
+    }
+
+
+def test_over_rollout_commits_a_step_without_its_straggler_and_a_later_step_with_it(tmp_path: Path) -> None:
+    """Trinity-RFT's over_rollout: a step does not wait for its slowest task; the straggler keeps running, keeps its
+    batch id, and is committed exactly once by a later step (the last step waits for every straggler)."""
+    explorer = explorer_mod.Explorer(over_rollout_config(tmp_path, steps=2))
+    carried: dict[int, int] = {}
+    explorer.on_step = lambda step, _: carried.__setitem__(step, explorer.report.carried_tasks)
+    asyncio.run(explorer.explore())
+    out = sink.ExperienceSink(tmp_path / "out")
+    pairs = committed_pairs(out)
+    assert pairs[1] == [("1", 1), ("1", 2), ("1", 3)]  # the straggler (task 0) did not hold step 1
+    assert out.manifest()["steps"]["1"]["pendingTasks"] == {"1": {"cursor": 0, "tasks": [0]}}
+    assert sorted(pairs[2]) == [("1", 0), ("2", 0), ("2", 1), ("2", 2), ("2", 3)]  # adopted; the last step waits
+    assert "pendingTasks" not in out.manifest()["steps"]["2"]
+    assert carried == {1: 1, 2: 0} and explorer.report.phase == "Succeeded"
+
+
+class CrashAfterStepError(Exception):
+    pass
+
+
+def test_a_restart_runs_the_stragglers_of_the_last_committed_step_again_exactly_once(tmp_path: Path) -> None:
+    """The coordinator dies after committing step 1 with its straggler still running: the manifest's pendingTasks
+    tells the restarted explorer to run that task again, and step 2 commits it; nothing lost, nothing twice."""
+    cfg = over_rollout_config(tmp_path, steps=2)
+    first = explorer_mod.Explorer(cfg)
+
+    def crash(step: int, _: dict[str, float]) -> None:
+        raise CrashAfterStepError(f"killed after step {step}")
+
+    first.on_step = crash
+    with pytest.raises(CrashAfterStepError):
+        asyncio.run(first.explore())
+    out = sink.ExperienceSink(tmp_path / "out")
+    assert out.committed_steps() == {1} and out.pending_tasks(1) == {1: (0, [0])}
+    resumed = explorer_mod.Explorer(cfg)
+    asyncio.run(resumed.explore())
+    pairs = committed_pairs(out)
+    every = [pair for step in pairs.values() for pair in step]
+    assert sorted(every) == sorted({(str(b), t) for b in (1, 2) for t in range(4)}) and len(every) == 8
+    assert ("1", 0) in pairs[2]

@@ -17,12 +17,17 @@ from explorer.workflows import MathWorkflow, Task
 
 
 class SleepyWorkflow(MathWorkflow):
-    """Sleeps ``task.raw['sleep']`` seconds first; writes ``task.raw['marker']`` if it ever finishes sleeping."""
+    """Sleeps ``task.raw['sleep']`` seconds first; writes ``task.raw['marker']`` if it ever finishes sleeping. A
+    straggler once: ``task.raw['sleep_once']`` seconds on the first attempt only (``raw['once_marker']`` remembers)."""
 
     def __init__(self, spec: config.WorkflowSpec):
         super().__init__(spec)
 
     async def run(self, task: Task, model: InferenceModel, repeat_times: int, run_id_base: int) -> list[Experience]:
+        once = task.raw.get("once_marker")
+        if once and not Path(once).exists():
+            Path(once).write_text("first attempt")
+            await asyncio.sleep(float(task.raw["sleep_once"]))
         await asyncio.sleep(float(task.raw.get("sleep", 0)))
         marker = task.raw.get("marker")
         if marker:

@@ -186,3 +186,14 @@ def test_the_docs_state_the_measured_limits() -> None:
     assert f"at most **{BUDGET.job_name}** characters" in text
     assert f"at most **{BUDGET.job_and_group}** characters" in text
     assert ", ".join(f"`{n}`" for n in BUDGET.reserved_groups[:-1]) + f" or `{BUDGET.reserved_groups[-1]}`" in text
+
+
+def test_the_api_server_refuses_an_over_rollout_that_waits_for_more_tasks_than_a_step_has() -> None:
+    """The explore section's own validator refuses it in Python; the CRD must refuse it before it is stored."""
+    schema = crdgen.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec_rules = schema["properties"]["spec"]["x-kubernetes-validations"]
+    wire = _spec({}).to_wire()
+    wire["explore"] = {**wire["explore"], "batchSize": 4, "overRollout": {"minTasks": 5, "waitSeconds": 0}}
+    assert _cel_failures(spec_rules, wire) == [next(r.message for r in admission.rules() if "overRollout" in r.cel)]
+    wire["explore"]["overRollout"]["minTasks"] = 4
+    assert _cel_failures(spec_rules, wire) == []

@@ -45,8 +45,8 @@ def in_process_runners(monkeypatch: pytest.MonkeyPatch) -> None:
     """The explorer's scheduler with one in-process ``DelayRunner`` per runner slot instead of Ray actors."""
     real = scheduler.Scheduler
 
-    def make(cfg: config.ExplorerConfig, rollout: Any, aux: Any = None) -> scheduler.Scheduler:
-        return real(cfg, rollout, aux, backend_factory=lambda _: DelayRunner())
+    def make(cfg: config.ExplorerConfig, rollout: Any, aux: Any = None, **kwargs: Any) -> scheduler.Scheduler:
+        return real(cfg, rollout, aux, backend_factory=lambda _: DelayRunner(), **kwargs)
 
     monkeypatch.setattr(scheduler, "Scheduler", make)
 
@@ -279,8 +279,8 @@ def test_eval_sets_run_their_own_repeats_and_land_in_the_report_and_the_manifest
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = scheduler.Scheduler
-    monkeypatch.setattr(scheduler, "Scheduler", lambda cfg, rollout, aux=None: real(
-        cfg, rollout, aux, backend_factory=lambda _: FirstRunPasses()))  # fmt: skip
+    monkeypatch.setattr(scheduler, "Scheduler", lambda cfg, rollout, aux=None, **kw: real(
+        cfg, rollout, aux, backend_factory=lambda _: FirstRunPasses(), **kw))  # fmt: skip
     cfg = explorer_config(tmp_path, delay=0.0, steps=2, evalInterval=2, evalOnStart=True,
                           evalTasksets=[{"name": "held-out", "path": str(tmp_path / "train.jsonl"),
                                          "repeatTimes": 4}])  # fmt: skip
