@@ -49,6 +49,7 @@ bench: controlplane
 	$(PY) bench/controlplane.py
 	$(PY) bench/operator_scale.py
 	$(PY) bench/scheduler.py --engines
+	$(PY) bench/stragglers.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/experience_stream.py
 
