@@ -246,6 +246,7 @@ class Scheduler:
             for i in range(count)
         ]  # fmt: skip
         self._idle: asyncio.Queue[RunnerWrapper] = asyncio.Queue()
+        self._retiring: set[RunnerWrapper] = set()  # removed by a scale-down, retired once idle
         self._pending: list[tuple[tuple[float, int, str], int, int, TaskWrapper, _Batch]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -260,8 +261,9 @@ class Scheduler:
         """Follow a scale of the rollout group (engine indices are stable: a scale adds or removes the last ones).
 
         Every runner process gets the new engines; the load picture is resized, added engines ``serving`` or out of
-        the rotation until the explorer finds them at the job's version; runners are added up to
-        ``runnersPerEngine`` per engine (on a scale-down none are removed: the extra ones queue on fewer engines).
+        the rotation until the explorer finds them at the job's version; runners follow at ``runnersPerEngine`` per
+        engine: added ones start at once, removed ones finish their sub-task first (``_retire``), and a runner
+        process none of the remaining runners uses is stopped.
         """
         if not group.engines:
             raise ValueError("a rollout group needs at least one engine")
@@ -269,6 +271,10 @@ class Scheduler:
         if self.engine_load is not None:
             self.engine_load.resize(len(group.engines), serving)
         want = len(group.engines) * self.config.scheduler.runners_per_engine
+        if len(self.runners) > want:
+            self._retiring.update(self.runners[want:])
+            self.runners = self.runners[:want]
+            await self._retire_idle()
         if not self.hosts or len(self.runners) >= want:
             return
         limit = self.config.scheduler.runner_processes or want
@@ -281,6 +287,28 @@ class Scheduler:
                                    RayRunner(self.hosts[runner_id % len(self.hosts)]))  # fmt: skip
             self.runners.append(runner)
             self._idle.put_nowait(runner)
+
+    async def _retire_idle(self) -> None:
+        """Retire the idle runners a scale-down removed (busy ones are retired when their sub-task ends)."""
+        idle = [self._idle.get_nowait() for _ in range(self._idle.qsize())]
+        for runner in idle:
+            if runner in self._retiring:
+                await self._retire(runner)
+            else:
+                self._idle.put_nowait(runner)
+
+    async def _retire(self, runner: RunnerWrapper) -> None:
+        """Drop a removed runner; stop its process when no remaining or busy runner shares it."""
+        self._retiring.discard(runner)
+        backend = runner.backend
+        if not isinstance(backend, RayRunner):
+            await backend.close()
+            return
+        in_use = {id(b.host) for r in [*self.runners, *self._retiring] if isinstance(b := r.backend, RayRunner)}
+        if backend.host in self.hosts and id(backend.host) not in in_use:
+            self.hosts.remove(backend.host)
+            await backend.host.close()
+            log.info("stopped runner process %d after a scale-down", backend.host.host_id)
 
     async def start(self) -> None:
         await asyncio.gather(*(host.ready() for host in self.hosts))
@@ -325,9 +353,15 @@ class Scheduler:
     async def _dispatch(self) -> None:
         while True:
             runner = await self._idle.get()
+            if runner in self._retiring:
+                await self._retire(runner)
+                continue
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
+            if runner in self._retiring:  # a scale-down came while it waited for work
+                await self._retire(runner)
+                continue
             *_, sub, batch = heapq.heappop(self._pending)
             if batch.cancelled:
                 self._idle.put_nowait(runner)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 import torch
 import yaml
 
@@ -497,7 +498,7 @@ def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_not
             newest = max((int(v) for v in served if isinstance(v, str) and v.isdigit()), default=0)
             version = trainer.push(pushed, version=newest + 1).version
             assert rotation.served_per_engine(1) >= [8]
-            runners = len(rotation.sched.runners)
+            runners, hosts = len(rotation.sched.runners), len(rotation.sched.hosts)
 
             write_config(cpu_engines)  # kubectl scale --replicas=2
             wait_for(lambda: rotation.sched.engine_load and len(rotation.sched.engine_load.serving) == 2, timeout=30,
@@ -508,6 +509,8 @@ def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_not
             assert alone.catch_ups == 1 and alone.engine_versions == [str(version)] * 2
             assert max(served_errors(cpu_engines, tiny_model_dir, pushed)) < TOLERANCE
             assert len(rotation.sched.runners) == 2 * runners, "runnersPerEngine for the added engine too"
+            added_hosts = rotation.sched.hosts[hosts:]
+            assert added_hosts
             assert min(rotation.served_per_engine(2)) > 0, "the added engine serves"
 
             write_config(cpu_engines[:1])  # and back to one
@@ -516,6 +519,12 @@ def test_a_scaled_up_engine_catches_up_and_serves_and_a_scaled_down_one_gets_not
             assert alone.scales == 2
             served = rotation.served_per_engine(3)
             assert served[1] == 0 and served[0] >= 8, f"requests per engine {served}: the removed engine served"
+            # The runners added for engine 1 are retired once idle, and their processes stopped.
+            assert len(rotation.sched.runners) == runners
+            wait_for(lambda: len(rotation.sched.hosts) == hosts, timeout=60, what="the added runner processes retire")
+            for host in added_hosts:
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(host.actor.ping.remote(), timeout=30)
             result = trainer.push(support.perturbed_state(tiny_model_dir, seed=14))  # re-forms over one engine
             assert result.engines == result.engines_in_sync == 1
     finally:
