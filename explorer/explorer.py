@@ -150,6 +150,11 @@ class Explorer:
 
     async def explore(self) -> str:
         """Run to ``total_steps`` (or resume there); returns a one-line summary."""
+        if self.config.explore.over_rollout is not None and self.sync is not None and self.config.sync.style == "fixed":
+            raise ValueError(
+                "explore.overRollout needs sync.style trainer_driven or async (with fixed, a straggler "
+                "committed later would be trained after the policy it was explored with changed)"
+            )
         tasks, self.row_errors = taskset.load_taskset(self.config.taskset)
         state = self._resume_state()
         sched = await self._start_scheduler()

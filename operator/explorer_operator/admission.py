@@ -201,6 +201,11 @@ def _workflow_rules() -> list[Rule]:
              "spec.explore.overRollout.minTasks must not exceed spec.explore.batchSize: a step has only that many "
              "tasks to wait for",
              lambda _, s: s.explore.over_rollout is None or s.explore.over_rollout.min_tasks <= s.explore.batch_size),
+        Rule("spec", "!has(self.explore) || !has(self.explore.overRollout) || "
+                     "(has(self.sync) && self.sync.style != 'fixed')",
+             "spec.explore.overRollout needs spec.sync.style trainer_driven or async: with fixed, every step is "
+             "trained on the policy it was explored with, and a straggler committed later would break that",
+             lambda _, s: s.explore.over_rollout is None or s.sync.style != "fixed"),
     ]  # fmt: skip
 
 

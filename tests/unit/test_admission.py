@@ -194,6 +194,11 @@ def test_the_api_server_refuses_an_over_rollout_that_waits_for_more_tasks_than_a
     spec_rules = schema["properties"]["spec"]["x-kubernetes-validations"]
     wire = _spec({}).to_wire()
     wire["explore"] = {**wire["explore"], "batchSize": 4, "overRollout": {"minTasks": 5, "waitSeconds": 0}}
-    assert _cel_failures(spec_rules, wire) == [next(r.message for r in admission.rules() if "overRollout" in r.cel)]
+    wire["sync"] = {**wire["sync"], "style": "trainer_driven"}
+    [too_many] = _cel_failures(spec_rules, wire)
+    assert too_many.startswith("spec.explore.overRollout.minTasks must not exceed spec.explore.batchSize")
     wire["explore"]["overRollout"]["minTasks"] = 4
     assert _cel_failures(spec_rules, wire) == []
+    wire["sync"]["style"] = "fixed"  # as Trinity-RFT: over-rollout would commit stragglers of an older policy
+    [fixed] = _cel_failures(spec_rules, wire)
+    assert fixed.startswith("spec.explore.overRollout needs spec.sync.style trainer_driven or async")
