@@ -1,8 +1,8 @@
 """Benchmark of the rollout scheduler.
 
 1. Orchestration only: 8 runners, 64 tasks x 8 repeats, an engine of zero latency (``InstantModel``, an in-process
-   ``InferenceModel`` that exists for this benchmark only). Runners as real Ray actors, and in-process for the
-   scheduler's own cost. Prints tasks/s and orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s,
+   ``InferenceModel`` that exists for this benchmark only). Runners as real Ray actors (one process each, and the 8
+   slots sharing 2 processes: ``runnerProcesses``), and in-process for the scheduler's own cost. Prints tasks/s and orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s,
    30-35 ms per task, 100 ms floor per batch on the same kind of machine.
 2. With ``--engines``: two real CPU vLLM engines on the tiny model; experiences/s through the scheduler versus the
    same requests sent straight to the engines with the same concurrency (the overhead of our layer). Requests per
@@ -117,6 +117,12 @@ def orchestration(n_tasks: int, repeat: int, runners: int, batches: int) -> None
         actors = scheduler.Scheduler(cfg, InstantModel())
         seconds, exps = asyncio.run(run_batches(actors, n_tasks, batches))
         print(f"  Ray actor runners:  {rates(total, exps, seconds)}")
+        shared_cfg = make_config(["http://127.0.0.1:9"], repeat, runners, processes=2)
+        shared = scheduler.Scheduler(shared_cfg, InstantModel())
+        seconds, exps = asyncio.run(run_batches(shared, n_tasks, batches))
+        print(
+            f"  Ray actor runners, {runners} slots in 2 processes (runnerProcesses: 2): {rates(total, exps, seconds)}"
+        )
         one = scheduler.Scheduler(cfg, InstantModel())
         seconds, _ = asyncio.run(run_batches(one, 1, 20))
         print(f"  one instant task per batch (Ray): {1000 * seconds / 20:.1f} ms per batch (reference floor: 100 ms)")
