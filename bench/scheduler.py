@@ -2,8 +2,9 @@
 
 1. Orchestration only: 8 runners, 64 tasks x 8 repeats, an engine of zero latency (``InstantModel``, an in-process
    ``InferenceModel`` that exists for this benchmark only). Runners as real Ray actors (one process each, and the 8
-   slots sharing 2 processes: ``runnerProcesses``), and in-process for the scheduler's own cost. Prints tasks/s and orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s,
-   30-35 ms per task, 100 ms floor per batch on the same kind of machine.
+   slots sharing 2 processes: ``runnerProcesses``), and in-process for the scheduler's own cost. Prints tasks/s and
+   orchestration time per task. Reference (notes): Trinity-RFT ~33 tasks/s, 30-35 ms per task, 100 ms floor per batch
+   on the same kind of machine.
 2. With ``--engines``: two real CPU vLLM engines on the tiny model; experiences/s through the scheduler versus the
    same requests sent straight to the engines with the same concurrency (the overhead of our layer). Requests per
    engine are counted from each engine's own ``/metrics`` for every run; the benchmark exits non-zero when an engine
