@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from openai.types.chat import ChatCompletion
+from typing import TYPE_CHECKING, Any, Literal
 
 from explorer.experience import Experience
 from explorer.inference import InferenceModel
+
+if TYPE_CHECKING:  # openai's types cost ~34 MiB per process: only agent workflows import them (each runner is one)
+    from openai.types.chat import ChatCompletion
 
 ExperienceMode = Literal["merged", "per_turn"]
 OWNED = frozenset({"model", "stream", "logprobs", "return_token_ids"})  # this client sets them
@@ -79,6 +80,8 @@ class _Completions:
         body = {**self._client.defaults, **kwargs, **extra, "messages": [dict(m) for m in messages],
                 "logprobs": True, "return_token_ids": True}  # fmt: skip
         body = {k: v for k, v in body.items() if v is not None}
+        from openai.types.chat import ChatCompletion
+
         data = await self._client.model.chat_completion(body)
         self._client.turns.extend(_turns(len(self._client.calls), body["messages"], data))
         self._client.calls.append(data)
