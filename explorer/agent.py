@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from explorer.experience import Experience
-from explorer.inference import InferenceModel
+from explorer.inference import InferenceModel, completion_from_choice
 
 if TYPE_CHECKING:  # openai's types cost ~34 MiB per process: only agent workflows import them (each runner is one)
     from openai.types.chat import ChatCompletion
@@ -53,13 +53,12 @@ def _turns(call: int, messages: list[dict[str, Any]], data: Mapping[str, Any]) -
     prompt = list(data.get("prompt_token_ids") or [])
     turns = []
     for choice in sorted(data["choices"], key=lambda c: c["index"]):
-        token_ids = list(choice.get("token_ids") or [])
-        logprobs = [float(item["logprob"]) for item in (choice.get("logprobs") or {}).get("content") or []]
-        if len(logprobs) != len(token_ids):
-            raise ValueError(f"the engine returned {len(token_ids)} token ids but {len(logprobs)} logprobs")
+        c = completion_from_choice(choice, prompt)
+        if len(c.logprobs) != len(c.token_ids):
+            raise ValueError(f"the engine returned {len(c.token_ids)} token ids but {len(c.logprobs)} logprobs")
         message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None and v != []}
-        turns.append(Turn(call, choice["index"], messages, prompt or list(choice.get("prompt_token_ids") or []),
-                          token_ids, logprobs, message, choice.get("finish_reason")))  # fmt: skip
+        turns.append(Turn(call, choice["index"], messages, c.prompt_token_ids, c.token_ids, c.logprobs, message,
+                          c.finish_reason))  # fmt: skip
     return turns
 
 

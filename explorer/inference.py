@@ -84,7 +84,8 @@ def sampling_params(sampling: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(sampling or {})
 
 
-def _completion(choice: dict[str, Any], prompt_ids: list[int]) -> Completion:
+def completion_from_choice(choice: Mapping[str, Any], prompt_ids: list[int]) -> Completion:
+    """One choice of a completions or chat-completions response (``prompt_ids``: the response's, if it has them)."""
     logprobs = choice.get("logprobs") or {}
     values = logprobs.get("token_logprobs")
     if values is None:  # chat format: {"content": [{"logprob": ...}, ...]}
@@ -138,7 +139,7 @@ class OpenAIEngine:
         body = {"model": self.model, "prompt": prompt, "n": n, "max_tokens": max_tokens, "temperature": temperature,
                 "logprobs": 0, "return_token_ids": True, "seed": seed, **sampling_params(sampling)}  # fmt: skip
         data = await self._post("/v1/completions", body)
-        return [_completion(c, []) for c in sorted(data["choices"], key=lambda c: c["index"])]
+        return [completion_from_choice(c, []) for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     async def chat(
         self,
@@ -155,7 +156,7 @@ class OpenAIEngine:
                 **sampling_params(sampling)}  # fmt: skip
         data = await self._post("/v1/chat/completions", body)
         prompt_ids = data.get("prompt_token_ids") or []
-        return [_completion(c, prompt_ids) for c in sorted(data["choices"], key=lambda c: c["index"])]
+        return [completion_from_choice(c, prompt_ids) for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return await self._post("/v1/chat/completions", {**body, "model": self.model})

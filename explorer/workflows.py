@@ -68,8 +68,8 @@ def sampled(spec: config.WorkflowSpec, run_id_base: int) -> dict[str, Any]:
 
 def request_defaults(spec: config.WorkflowSpec, run_id: int) -> dict[str, Any]:
     """``spec``'s sampling as chat-completions request fields (an ``AgentClient``'s defaults) for run ``run_id``."""
-    return {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": spec.seed_for(run_id),
-            **spec.sampling()}  # fmt: skip
+    params = sampled(spec, run_id)
+    return {**{k: v for k, v in params.items() if k != "sampling"}, **params["sampling"]}
 
 
 def with_system(messages: list[dict[str, str]], spec: config.WorkflowSpec) -> list[dict[str, str]]:
